@@ -1,0 +1,115 @@
+"""Training-step throughput (images/s) with and without the speed options, saved as JSON.
+
+Each measurement runs the real step of ``dino_ray.train.loop.train_one_epoch`` (student forward and
+backward on all crops, teacher forward on the global crops, DINO loss, clipping, optimizer, EMA) on
+synthetic crops of the configured sizes, so data loading is excluded. Variants:
+- ``baseline``: explicit attention (softmax(QK^T)V), the default optimizer kernels, eager mode
+- ``sdpa``: timm's fused scaled-dot-product attention (the default in dino-ray)
+- ``sdpa+fused_adamw``: plus torch's fused AdamW kernel
+- ``sdpa+fused_adamw+compile``: plus ``torch.compile`` of student and teacher (first steps excluded)
+
+Usage: ``python benchmarks/train_step.py [--steps N] [--warmup N] [--skip-compile] [--out FILE]``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from dino_ray.config import DINOConfig, build_config, load_config
+from dino_ray.loss import DINOLoss
+from dino_ray.train.loop import (build_optimizer, build_schedules, build_student_teacher, precision_context,
+                                 train_one_epoch)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+VARIANTS = {
+    "baseline": dict(fused_attn=False, fused_optimizer=False, torch_compile=False),
+    "sdpa": dict(fused_attn=True, fused_optimizer=False, torch_compile=False),
+    "sdpa+fused_adamw": dict(fused_attn=True, fused_optimizer=True, torch_compile=False),
+    "sdpa+fused_adamw+compile": dict(fused_attn=True, fused_optimizer=True, torch_compile=True),
+}
+
+
+def synthetic_batch(cfg: DINOConfig) -> tuple[list[torch.Tensor], torch.Tensor, int]:
+    crops = [torch.randn(cfg.batch_size_per_gpu, 3, cfg.global_crops_size, cfg.global_crops_size) for _ in range(2)]
+    crops += [torch.randn(cfg.batch_size_per_gpu, 3, cfg.local_crops_size, cfg.local_crops_size)
+              for _ in range(cfg.local_crops_number)]
+    return crops, torch.zeros(cfg.batch_size_per_gpu, dtype=torch.long), 0
+
+
+def measure(cfg: DINOConfig, steps: int, warmup: int) -> dict[str, float]:
+    """images/s over ``steps`` training steps after ``warmup`` untimed ones (compilation, allocator)."""
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    torch.manual_seed(0)
+    student, teacher = build_student_teacher(cfg)
+    student.to(device)
+    teacher.to(device)
+    teacher_fwd, student_fwd = (torch.compile(teacher), torch.compile(student)) if cfg.torch_compile else (teacher,
+                                                                                                          student)
+    loss = DINOLoss(cfg.out_dim, cfg.local_crops_number + 2, cfg.warmup_teacher_temp, cfg.teacher_temp,
+                    cfg.warmup_teacher_temp_epochs, cfg.epochs).to(device)
+    optimizer = build_optimizer(cfg, student)
+    autocast, scaler = precision_context(cfg, device)
+    schedules = build_schedules(cfg, warmup + steps, 1)
+    batch = synthetic_batch(cfg)
+
+    def run(n: int, epoch: int) -> float:
+        start = time.perf_counter()
+        train_one_epoch(student, teacher_fwd, student_fwd, loss, [batch] * n, optimizer, schedules, epoch, cfg,
+                        device, autocast, scaler, show_progress=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    run(warmup, 0)
+    seconds = run(steps, 0)
+    return {"images_per_s": round(steps * cfg.batch_size_per_gpu / seconds, 2),
+            "s_per_step": round(seconds / steps, 4)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--vits-batch", type=int, default=4)
+    parser.add_argument("--skip-compile", action="store_true")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_step.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+
+    setups = {
+        "cifar10_cpu": load_config(ROOT / "experiments" / "cifar10_cpu.yaml"),
+        "vit_small16_2x224_8x96": build_config(dict(arch="vit_small", patch_size=16, batch_size_per_gpu=args.vits_batch,
+                                                    local_crops_number=8, drop_path_rate=0.1, epochs=1,
+                                                    warmup_epochs=0)),
+    }
+    results: dict = {"machine": {"cpu_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
+                                 "device": torch.cuda.get_device_name() if torch.cuda.is_available()
+                                 else platform.processor() or platform.machine(), "torch": torch.__version__},
+                     "steps": args.steps, "warmup_steps": args.warmup, "setups": {}}
+    for name, base in setups.items():
+        rows = {}
+        for variant, options in VARIANTS.items():
+            if options["torch_compile"] and args.skip_compile:
+                continue
+            cfg = build_config({**base.to_dict(), **options, "epochs": 1, "warmup_epochs": 0})
+            rows[variant] = measure(cfg, args.steps, args.warmup)
+            rows[variant]["speedup_vs_baseline"] = round(rows[variant]["images_per_s"] /
+                                                         rows["baseline"]["images_per_s"], 3)
+            print(f"{name:26s} {variant:28s} {rows[variant]['images_per_s']:8.2f} images/s "
+                  f"({rows[variant]['s_per_step']:.3f} s/step, x{rows[variant]['speedup_vs_baseline']})", flush=True)
+        results["setups"][name] = {"batch_size": base.batch_size_per_gpu,
+                                   "crops": f"2x{base.global_crops_size} + {base.local_crops_number}x"
+                                            f"{base.local_crops_size}", "variants": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(f"saved {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""The pretraining config: every flag of the reference's ``main_dino.py``, same names and defaults.
+
+Layers, as in dinov2: dataclass defaults <- experiment YAML <- ``key=value`` overrides from the
+command line. The resolved config is validated before any work starts and saved with the run.
+
+Where we add keys the reference lacks (crop sizes, the small-ViT shape, speed switches), they
+sit after the reference's own and say so in their comment.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Optional, get_args, get_origin, get_type_hints
+
+import yaml
+
+ARCHS = ("vit_tiny", "vit_small", "vit_base", "resnet50")
+OPTIMIZERS = ("adamw", "sgd", "lars")
+
+
+class ConfigError(ValueError):
+    """A config key or value that cannot be used; the message names it."""
+
+
+@dataclass
+class DINOConfig:
+    # --- model (main_dino.py) ---
+    arch: str = "vit_small"
+    patch_size: int = 16
+    out_dim: int = 65536
+    norm_last_layer: bool = True
+    momentum_teacher: float = 0.996
+    use_bn_in_head: bool = False
+    # --- temperature teacher (main_dino.py) ---
+    warmup_teacher_temp: float = 0.04
+    teacher_temp: float = 0.04
+    # The reference's help text says 30, its default is 0: we keep the default.
+    warmup_teacher_temp_epochs: int = 0
+    # --- training / optimisation (main_dino.py) ---
+    use_fp16: bool = True
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    clip_grad: float = 3.0
+    batch_size_per_gpu: int = 64
+    epochs: int = 100
+    freeze_last_layer: int = 1
+    lr: float = 0.0005
+    warmup_epochs: int = 10
+    min_lr: float = 1e-6
+    optimizer: str = "adamw"
+    drop_path_rate: float = 0.1
+    # --- multi-crop (main_dino.py) ---
+    global_crops_scale: tuple[float, float] = (0.4, 1.0)
+    local_crops_number: int = 8
+    local_crops_scale: tuple[float, float] = (0.05, 0.4)
+    # --- misc (main_dino.py) ---
+    data_path: str = "/path/to/imagenet/train/"
+    output_dir: str = "."
+    saveckp_freq: int = 20
+    seed: int = 0
+    num_workers: int = 10
+    # --- dino-ray additions ---
+    global_crops_size: int = 224  # the reference hard-codes 224
+    local_crops_size: int = 96  # the reference hard-codes 96
+    blur_radius: tuple[float, float] = (0.1, 2.0)  # PIL blur radius range; the reference hard-codes (0.1, 2.0)
+    embed_dim: Optional[int] = None  # ViT width/depth/heads override, for CPU-sized models
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+    head_hidden_dim: int = 2048  # DINOHead sizes; the reference hard-codes these
+    head_bottleneck_dim: int = 256
+    head_nlayers: int = 3
+    use_bf16: bool = False  # bf16 autocast instead of fp16 + GradScaler (CUDA only)
+    fused_attn: bool = True  # timm's SDPA attention; False uses the explicit softmax(QK^T)V
+    fused_optimizer: bool = False  # torch's fused AdamW/SGD kernels
+    torch_compile: bool = False  # torch.compile the student and teacher
+    max_images: Optional[int] = None  # use only the first N images of data_path
+    log_freq: int = 10  # iterations between progress-bar metric refreshes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def vit_kwargs(self) -> dict[str, int]:
+        """The ViT shape overrides that are set, as keyword arguments for ``build_backbone``."""
+        return {k: getattr(self, k) for k in ("embed_dim", "depth", "num_heads") if getattr(self, k) is not None}
+
+
+_HINTS = get_type_hints(DINOConfig)
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Convert a YAML value to the field's type, or raise naming the key and value."""
+    hint = _HINTS[key]
+    optional = get_origin(hint) is not None and type(None) in get_args(hint)
+    if optional:
+        if value is None:
+            return None
+        hint = next(a for a in get_args(hint) if a is not type(None))
+    try:
+        if get_origin(hint) is tuple:
+            items = list(value) if isinstance(value, (list, tuple)) else None
+            if items is None or len(items) != len(get_args(hint)):
+                raise TypeError
+            return tuple(float(x) for x in items)
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            raise TypeError
+        if hint is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if hint is float:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if hint is str:
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    raise ConfigError(f"config key '{key}': value {value!r} is not a valid {hint}")
+
+
+def _validate(cfg: DINOConfig) -> None:
+    problems = []
+    if cfg.arch not in ARCHS:
+        problems.append(f"arch '{cfg.arch}' is unknown (choose from {', '.join(ARCHS)})")
+    if cfg.optimizer not in OPTIMIZERS:
+        problems.append(f"optimizer '{cfg.optimizer}' is unknown (choose from {', '.join(OPTIMIZERS)})")
+    for key in ("lr", "min_lr", "weight_decay", "weight_decay_end", "clip_grad", "drop_path_rate",
+                "warmup_teacher_temp", "teacher_temp"):
+        if getattr(cfg, key) < 0:
+            problems.append(f"{key} must be >= 0, got {getattr(cfg, key)}")
+    for key in ("patch_size", "out_dim", "batch_size_per_gpu", "epochs", "global_crops_size",
+                "local_crops_size", "head_hidden_dim", "head_bottleneck_dim", "head_nlayers"):
+        if getattr(cfg, key) < 1:
+            problems.append(f"{key} must be >= 1, got {getattr(cfg, key)}")
+    for key in ("local_crops_number", "warmup_epochs", "freeze_last_layer", "num_workers", "saveckp_freq",
+                "warmup_teacher_temp_epochs"):
+        if getattr(cfg, key) < 0:
+            problems.append(f"{key} must be >= 0, got {getattr(cfg, key)}")
+    if not 0 <= cfg.momentum_teacher <= 1:
+        problems.append(f"momentum_teacher must be in [0, 1], got {cfg.momentum_teacher}")
+    if not 0 <= cfg.blur_radius[0] <= cfg.blur_radius[1]:
+        problems.append(f"blur_radius must satisfy 0 <= min <= max, got {list(cfg.blur_radius)}")
+    for key in ("global_crops_scale", "local_crops_scale"):
+        lo, hi = getattr(cfg, key)
+        if not 0 < lo <= hi <= 1:
+            problems.append(f"{key} must satisfy 0 < min <= max <= 1, got {[lo, hi]}")
+    if cfg.local_crops_scale[1] > cfg.global_crops_scale[0]:  # the reference's pairs meet: (0.05, 0.4), (0.4, 1)
+        problems.append(f"local_crops_scale {list(cfg.local_crops_scale)} is above global_crops_scale "
+                        f"{list(cfg.global_crops_scale)}: the largest local crop must not exceed the smallest global one")
+    if cfg.warmup_epochs > cfg.epochs:
+        problems.append(f"warmup_epochs ({cfg.warmup_epochs}) exceeds epochs ({cfg.epochs})")
+    if cfg.warmup_teacher_temp_epochs > cfg.epochs:
+        problems.append(f"warmup_teacher_temp_epochs ({cfg.warmup_teacher_temp_epochs}) exceeds epochs ({cfg.epochs})")
+    if cfg.arch.startswith("vit"):
+        for key in ("global_crops_size", "local_crops_size"):
+            if getattr(cfg, key) % cfg.patch_size:
+                problems.append(f"{key} ({getattr(cfg, key)}) is not a multiple of patch_size ({cfg.patch_size})")
+    if cfg.max_images is not None and cfg.max_images < 1:
+        problems.append(f"max_images must be >= 1 or null, got {cfg.max_images}")
+    if problems:
+        raise ConfigError("invalid config: " + "; ".join(problems))
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["lr=1e-3", "global_crops_scale=[0.3,1]"]`` -> ``{"lr": 0.001, ...}`` (values parsed as YAML)."""
+    parsed = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        parsed[key.strip()] = yaml.safe_load(raw)
+    return parsed
+
+
+def build_config(values: dict[str, Any], source: str = "config") -> DINOConfig:
+    """Make a validated config from a flat mapping; unknown keys are an error naming them."""
+    known = {f.name for f in fields(DINOConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown config key(s) {unknown}")
+    cfg = DINOConfig(**{k: _coerce(k, v) for k, v in values.items()})
+    _validate(cfg)
+    return cfg
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> DINOConfig:
+    """Defaults <- YAML file at ``path`` <- ``key=value`` overrides."""
+    values: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping of keys to values")
+        values.update(loaded)
+        source = str(path)
+    values.update(parse_overrides(overrides or []))
+    return build_config(values, source)
+
+
+def save_config(cfg: DINOConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+__all__ = ["DINOConfig", "ConfigError", "load_config", "build_config", "save_config", "parse_overrides",
+           "ARCHS", "OPTIMIZERS"]

@@ -1,0 +1,1 @@
+"""Multi-crop augmentation and image datasets (ImageFolder, Parquet)."""

@@ -1,0 +1,63 @@
+"""DINOLoss: cross-entropy between the centred, sharpened teacher and the student, over view pairs.
+
+Caron et al. 2021, Eq. (1)-(2) and Sec. 3.1 (centring); the reference's ``main_dino.DINOLoss``.
+Every (teacher global view, student view) pair is used except a view against itself; the centre
+used is the one from before the call, then updated by EMA from the raw teacher outputs, averaged
+over all ranks when a ``torch.distributed`` group is up (one process works without one).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def teacher_temp_schedule(warmup_teacher_temp: float, teacher_temp: float, warmup_teacher_temp_epochs: int,
+                          nepochs: int) -> np.ndarray:
+    """Per-epoch teacher temperature: a linspace warmup (endpoint included, as the reference), then flat."""
+    return np.concatenate((
+        np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
+        np.ones(nepochs - warmup_teacher_temp_epochs) * teacher_temp,
+    ))
+
+
+class DINOLoss(nn.Module):
+    def __init__(self, out_dim: int, ncrops: int, warmup_teacher_temp: float, teacher_temp: float,
+                 warmup_teacher_temp_epochs: int, nepochs: int, student_temp: float = 0.1,
+                 center_momentum: float = 0.9) -> None:
+        super().__init__()
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.ncrops = ncrops
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.teacher_temp_schedule = teacher_temp_schedule(
+            warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs)
+
+    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int) -> torch.Tensor:
+        """``student_output``: all crops stacked (ncrops x B rows); ``teacher_output``: the 2 global crops."""
+        student_out = (student_output / self.student_temp).chunk(self.ncrops)
+        temp = float(self.teacher_temp_schedule[epoch])
+        teacher_out = F.softmax((teacher_output - self.center) / temp, dim=-1).detach().chunk(2)
+
+        total_loss = student_output.new_zeros(())
+        n_loss_terms = 0
+        for iq, q in enumerate(teacher_out):
+            for v, s in enumerate(student_out):
+                if v == iq:
+                    continue
+                total_loss = total_loss + torch.sum(-q * F.log_softmax(s, dim=-1), dim=-1).mean()
+                n_loss_terms += 1
+        self.update_center(teacher_output)
+        return total_loss / n_loss_terms
+
+    @torch.no_grad()
+    def update_center(self, teacher_output: torch.Tensor) -> None:
+        # Sum and row count in one all-reduce: the mean stays exact when ranks hold unequal batches.
+        stats = torch.cat([teacher_output.detach().float().sum(dim=0), teacher_output.new_tensor([len(teacher_output)],
+                                                                                              dtype=torch.float32)])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(stats)
+        batch_center = (stats[:-1] / stats[-1]).unsqueeze(0)
+        self.center = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)

@@ -1,0 +1,1 @@
+"""Backbones, the DINO head, the multi-crop wrapper and official weights."""

@@ -1,0 +1,58 @@
+"""Checkpoints in the reference's layout, written atomically, read safely, restored completely.
+
+Keys as ``main_dino.py`` writes them: ``student`` (``module.``-prefixed, as the reference's DDP
+model), ``teacher``, ``optimizer``, ``epoch`` (the next epoch to run), ``args``, ``dino_loss`` (the
+centre) and ``fp16_scaler`` when one is used. dino-ray stores ``args`` as a plain dict rather than an
+``argparse.Namespace``, so the file loads with ``torch.load(weights_only=True)`` and no allow-list.
+RNG state needs no key: the loop re-seeds from (seed, rank, epoch) at each epoch start.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from dino_ray.models.hub import safe_load
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
+    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint; a corrupt or foreign file raises naming it (it is never silently replaced)."""
+    checkpoint = safe_load(path)
+    if not isinstance(checkpoint, dict) or "student" not in checkpoint or "epoch" not in checkpoint:
+        raise ValueError(f"'{path}' is not a DINO training checkpoint (needs 'student' and 'epoch' keys)")
+    return checkpoint
+
+
+def strip_module_prefix(state_dict: dict[str, Any]) -> dict[str, Any]:
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+
+
+def restore_training_state(checkpoint: dict[str, Any], student: torch.nn.Module, teacher: torch.nn.Module,
+                           optimizer: torch.optim.Optimizer, dino_loss: torch.nn.Module,
+                           fp16_scaler: Optional[Any] = None) -> int:
+    """Load everything a checkpoint holds into the live objects; returns the epoch to start from."""
+    student.load_state_dict(strip_module_prefix(checkpoint["student"]))
+    teacher.load_state_dict(strip_module_prefix(checkpoint["teacher"]))
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    dino_loss.load_state_dict(checkpoint["dino_loss"])
+    if fp16_scaler is not None and checkpoint.get("fp16_scaler") is not None:
+        fp16_scaler.load_state_dict(checkpoint["fp16_scaler"])
+    return int(checkpoint["epoch"])

@@ -1,0 +1,280 @@
+"""The DINO training loop, readable top to bottom beside ``main_dino.py`` of the reference.
+
+``train_dino(cfg)`` runs in one process, or unchanged on every rank of a ``torch.distributed``
+group (gloo on CPU, NCCL on GPU) that a launcher (Ray Train, torchrun) has set up. It builds the
+student and the teacher, the multi-crop data, the loss and the schedules, resumes from
+``output_dir/checkpoint.pth`` when present, and then per epoch trains, writes the checkpoints and
+appends one JSON line to ``log.txt``.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm.auto import tqdm
+
+from dino_ray.config import DINOConfig, save_config
+from dino_ray.data.augment import DataAugmentationDINO
+from dino_ray.data.datasets import build_dataset, collate_skipping_bad
+from dino_ray.loss import DINOLoss
+from dino_ray.models.backbones import build_backbone
+from dino_ray.models.head import DINOHead
+from dino_ray.models.multicrop import MultiCropWrapper
+from dino_ray.optim import (LARS, cancel_gradients_last_layer, clip_gradients, cosine_scheduler, get_params_groups,
+                            update_teacher)
+from dino_ray.train.checkpoint import load_checkpoint, restore_training_state, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+EpochCallback = Callable[[int, dict[str, Any], Path], None]
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def seed_everything(seed: int, rank: int, epoch: int) -> int:
+    """Seed torch, numpy and Python from (seed, rank, epoch); returns the derived seed.
+
+    Re-seeding at every epoch start makes the RNG state a function of the epoch, so a run resumed
+    from a checkpoint draws the same crops and drop-path masks on every rank as one never stopped;
+    and ranks differ (the reference gives every rank the same seed, hence the same augmentations).
+    """
+    derived = int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
+    torch.manual_seed(derived)
+    np.random.seed(derived)
+    random.seed(derived)
+    return derived
+
+
+def build_student_teacher(cfg: DINOConfig) -> tuple[MultiCropWrapper, MultiCropWrapper]:
+    """Student (drop path, configurable last layer) and teacher (no drop path, normed last layer), equal weights."""
+    def make(drop_path_rate: float, norm_last_layer: bool) -> MultiCropWrapper:
+        if cfg.arch.startswith("vit"):
+            backbone = build_backbone(cfg.arch, cfg.patch_size, drop_path_rate, cfg.fused_attn,
+                                      img_size=cfg.global_crops_size, **cfg.vit_kwargs())
+        else:
+            backbone = build_backbone(cfg.arch)
+        head = DINOHead(backbone.embed_dim, cfg.out_dim, use_bn=cfg.use_bn_in_head, norm_last_layer=norm_last_layer,
+                        nlayers=cfg.head_nlayers, hidden_dim=cfg.head_hidden_dim,
+                        bottleneck_dim=cfg.head_bottleneck_dim)
+        return MultiCropWrapper(backbone, head)
+
+    student = make(cfg.drop_path_rate, cfg.norm_last_layer)
+    teacher = make(0.0, True)
+    teacher.load_state_dict(student.state_dict())
+    for p in teacher.parameters():
+        p.requires_grad = False
+    return student, teacher
+
+
+def build_optimizer(cfg: DINOConfig, student: nn.Module) -> torch.optim.Optimizer:
+    """lr and weight decay are set every iteration from the schedules; these are placeholders."""
+    groups = get_params_groups(student)
+    fused = True if cfg.fused_optimizer else None
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, fused=fused)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=0, momentum=0.9, fused=fused)
+    return LARS(groups)
+
+
+@dataclass
+class Schedules:
+    lr: np.ndarray
+    wd: np.ndarray
+    momentum: np.ndarray
+
+
+def build_schedules(cfg: DINOConfig, niter_per_ep: int, world_size: int) -> Schedules:
+    """The reference's linear scaling rule: lr * total batch / 256 (min_lr is not scaled)."""
+    base_lr = cfg.lr * cfg.batch_size_per_gpu * world_size / 256.0
+    return Schedules(
+        lr=cosine_scheduler(base_lr, cfg.min_lr, cfg.epochs, niter_per_ep, warmup_epochs=cfg.warmup_epochs),
+        wd=cosine_scheduler(cfg.weight_decay, cfg.weight_decay_end, cfg.epochs, niter_per_ep),
+        momentum=cosine_scheduler(cfg.momentum_teacher, 1, cfg.epochs, niter_per_ep),
+    )
+
+
+def build_loader(cfg: DINOConfig, rank: int, world_size: int, epoch: int, dataset: Any) -> DataLoader:
+    """Each image once per epoch across ranks (DistributedSampler with a shared seed); the loader's
+    workers are seeded from (seed, rank, epoch), so a resumed epoch sees the same order and crops."""
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed,
+                                 drop_last=True)
+    sampler.set_epoch(epoch)
+    generator = torch.Generator().manual_seed(seed_everything(cfg.seed, rank, epoch))
+    loader = DataLoader(dataset, sampler=sampler, batch_size=cfg.batch_size_per_gpu, num_workers=cfg.num_workers,
+                        pin_memory=torch.cuda.is_available(), drop_last=True, collate_fn=collate_skipping_bad,
+                        generator=generator)
+    if len(loader) == 0:
+        raise ValueError(f"data_path '{cfg.data_path}' has {len(dataset)} images: fewer than one batch "
+                         f"({cfg.batch_size_per_gpu} x {world_size} ranks)")
+    return loader
+
+
+def precision_context(cfg: DINOConfig, device: torch.device) -> tuple[Callable[[], Any], Optional[Any]]:
+    """fp16 autocast + GradScaler on CUDA (as the reference), bf16 autocast as an option, off on CPU."""
+    if device.type != "cuda":
+        return contextlib.nullcontext, None
+    if cfg.use_bf16:
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16), None
+    if cfg.use_fp16:
+        return lambda: torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
+    return contextlib.nullcontext, None
+
+
+def train_one_epoch(student: nn.Module, teacher: nn.Module, student_ddp: nn.Module, dino_loss: DINOLoss,
+                    loader: DataLoader, optimizer: torch.optim.Optimizer, schedules: Schedules, epoch: int,
+                    cfg: DINOConfig, device: torch.device, autocast: Callable[[], Any],
+                    fp16_scaler: Optional[Any], show_progress: bool) -> dict[str, float]:
+    """One pass over the data; ``student`` is the bare model (for EMA and clipping), ``student_ddp`` the wrapped one."""
+    totals = {"loss": 0.0, "images": 0, "skipped_images": 0, "data_time": 0.0, "step_time": 0.0}
+    steps = 0
+    bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", disable=not show_progress, leave=False)
+    epoch_start = tick = time.perf_counter()
+    for i, (images, _, skipped) in enumerate(bar):
+        data_time = time.perf_counter() - tick
+        it = len(loader) * epoch + i  # global iteration
+        for j, group in enumerate(optimizer.param_groups):
+            group["lr"] = float(schedules.lr[it])  # python floats: numpy scalars would need an unpickling allow-list
+            if j == 0:  # only the decayed group
+                group["weight_decay"] = float(schedules.wd[it])
+        images = [im.to(device, non_blocking=True) for im in images]
+
+        with autocast():
+            teacher_output = teacher(images[:2])  # only the 2 global views pass through the teacher
+            student_output = student_ddp(images)
+            loss = dino_loss(student_output, teacher_output, epoch)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, iteration {i}: stopping; the last "
+                                     f"checkpoint in '{cfg.output_dir}' is left intact")
+
+        optimizer.zero_grad()
+        if fp16_scaler is None:
+            loss.backward()
+            if cfg.clip_grad:
+                clip_gradients(student, cfg.clip_grad)
+            cancel_gradients_last_layer(epoch, student, cfg.freeze_last_layer)
+            optimizer.step()
+        else:
+            fp16_scaler.scale(loss).backward()
+            if cfg.clip_grad:
+                fp16_scaler.unscale_(optimizer)  # clip the true gradients
+                clip_gradients(student, cfg.clip_grad)
+            cancel_gradients_last_layer(epoch, student, cfg.freeze_last_layer)
+            fp16_scaler.step(optimizer)
+            fp16_scaler.update()
+
+        update_teacher(student, teacher, float(schedules.momentum[it]))
+
+        steps += 1
+        totals["loss"] += loss.item()
+        totals["images"] += len(images[0])
+        totals["skipped_images"] += skipped
+        totals["data_time"] += data_time
+        totals["step_time"] += time.perf_counter() - tick - data_time
+        if show_progress and (i % cfg.log_freq == 0 or i == len(loader) - 1):
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{schedules.lr[it]:.2e}")
+        tick = time.perf_counter()
+    last = len(loader) * epoch + steps - 1
+    return {
+        "loss": totals["loss"] / steps,
+        "lr": float(schedules.lr[last]),
+        "wd": float(schedules.wd[last]),
+        "momentum_teacher": float(schedules.momentum[last]),
+        "teacher_temp": float(dino_loss.teacher_temp_schedule[epoch]),
+        "images_per_s": totals["images"] / (time.perf_counter() - epoch_start),
+        "data_time": totals["data_time"] / steps,
+        "step_time": totals["step_time"] / steps,
+        "skipped_images": totals["skipped_images"],
+    }
+
+
+def train_dino(cfg: DINOConfig, resume_from: Optional[str | Path] = None,
+               on_epoch_end: Optional[EpochCallback] = None, show_progress: bool = True) -> dict[str, Any]:
+    """Pretrain with DINO; returns the last epoch's stats. ``on_epoch_end(epoch, stats, checkpoint_path)``
+    runs on every rank after the checkpoint is written (a hook for launchers and trackers)."""
+    rank, world_size = rank_and_world()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    output_dir = Path(cfg.output_dir)
+    if rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, output_dir / "config.yaml")
+    if device.type == "cpu" and (cfg.use_fp16 or cfg.use_bf16) and rank == 0:
+        log.info("mixed precision is for CUDA only: training in fp32 on CPU")
+
+    dataset = build_dataset(cfg.data_path, DataAugmentationDINO(
+        cfg.global_crops_scale, cfg.local_crops_scale, cfg.local_crops_number,
+        cfg.global_crops_size, cfg.local_crops_size, cfg.blur_radius), cfg.max_images)
+    niter_per_ep = len(build_loader(cfg, rank, world_size, 0, dataset))
+
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank; epochs re-seed per rank in build_loader
+    student, teacher = build_student_teacher(cfg)
+    student.to(device)
+    teacher.to(device)
+    student_ddp: nn.Module = student
+    if world_size > 1:
+        student_ddp = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.index is not None
+                                                          else None)
+    teacher_fwd, student_fwd = teacher, student_ddp
+    if cfg.torch_compile:
+        teacher_fwd, student_fwd = torch.compile(teacher), torch.compile(student_ddp)
+
+    dino_loss = DINOLoss(cfg.out_dim, cfg.local_crops_number + 2, cfg.warmup_teacher_temp, cfg.teacher_temp,
+                         cfg.warmup_teacher_temp_epochs, cfg.epochs).to(device)
+    optimizer = build_optimizer(cfg, student)
+    autocast, fp16_scaler = precision_context(cfg, device)
+    schedules = build_schedules(cfg, niter_per_ep, world_size)
+
+    start_epoch = 0
+    checkpoint_path = Path(resume_from) if resume_from else output_dir / "checkpoint.pth"
+    if checkpoint_path.exists():
+        start_epoch = restore_training_state(load_checkpoint(checkpoint_path), student, teacher, optimizer,
+                                             dino_loss, fp16_scaler)
+        if rank == 0:
+            log.info("resumed from %s at epoch %d", checkpoint_path, start_epoch)
+    elif resume_from:
+        raise FileNotFoundError(f"resume_from '{resume_from}' does not exist")
+
+    stats: dict[str, Any] = {}
+    for epoch in range(start_epoch, cfg.epochs):
+        loader = build_loader(cfg, rank, world_size, epoch, dataset)
+        stats = train_one_epoch(student, teacher_fwd, student_fwd, dino_loss, loader, optimizer, schedules, epoch, cfg,
+                                device, autocast, fp16_scaler, show_progress and rank == 0)
+        latest = output_dir / "checkpoint.pth"
+        if rank == 0:
+            state = {
+                "student": {f"module.{k}": v for k, v in student.state_dict().items()},
+                "teacher": teacher.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "epoch": epoch + 1,
+                "args": cfg.to_dict(),
+                "dino_loss": dino_loss.state_dict(),
+            }
+            if fp16_scaler is not None:
+                state["fp16_scaler"] = fp16_scaler.state_dict()
+            save_checkpoint(state, latest)
+            if cfg.saveckp_freq and epoch % cfg.saveckp_freq == 0:
+                save_checkpoint(state, output_dir / f"checkpoint{epoch:04}.pth")
+            line = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch}
+            with open(output_dir / "log.txt", "a") as f:
+                f.write(json.dumps(line) + "\n")
+            log.info("epoch %d/%d: loss %.4f, %.1f images/s; checkpoint %s", epoch, cfg.epochs, stats["loss"],
+                     stats["images_per_s"], latest)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, stats, latest)
+    return stats

@@ -1,0 +1,88 @@
+"""DINOLoss against the paper's formula on hand-checkable cases."""
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from dino_ray import DINOLoss
+from dino_ray.loss import teacher_temp_schedule
+
+
+def manual_loss(student, teacher, center, ncrops, student_temp, teacher_temp):
+    """Eq. (1) of the paper, written out pair by pair."""
+    s = [F.log_softmax(c / student_temp, dim=-1) for c in student.chunk(ncrops)]
+    t = [F.softmax((c - center) / teacher_temp, dim=-1) for c in teacher.chunk(2)]
+    terms = [-(t[i] * s[v]).sum(-1).mean() for i in range(2) for v in range(ncrops) if v != i]
+    return sum(terms) / len(terms), len(terms)
+
+
+def test_loss_uses_every_pair_but_same_views():
+    torch.manual_seed(0)
+    ncrops, batch, dim = 4, 3, 5
+    loss_fn = DINOLoss(dim, ncrops, 0.04, 0.04, 0, 10)
+    student, teacher = torch.randn(ncrops * batch, dim), torch.randn(2 * batch, dim)
+    expected, n_terms = manual_loss(student, teacher, torch.zeros(1, dim), ncrops, 0.1, 0.04)
+    assert n_terms == 2 * (ncrops - 1)
+    assert torch.allclose(loss_fn(student, teacher, epoch=0), expected, atol=1e-6)
+
+
+def test_two_crops_pair_each_global_view_only_with_the_other():
+    """With 2 crops the only pairs are (teacher 1, student 2) and (teacher 2, student 1)."""
+    torch.manual_seed(1)
+    loss_fn = DINOLoss(4, 2, 0.04, 0.04, 0, 1)
+    g = torch.randn(2, 4)
+    teacher = g.clone()
+    student = g.clone() * 10  # student rows equal (scaled) teacher rows: pairs are (t1, s2) and (t2, s1) only
+    expected = -(F.softmax(g[0] / 0.04, -1) * F.log_softmax(student[1] / 0.1, -1)).sum() / 2 \
+        - (F.softmax(g[1] / 0.04, -1) * F.log_softmax(student[0] / 0.1, -1)).sum() / 2
+    assert torch.allclose(loss_fn(student, teacher, 0), expected, atol=1e-5)
+
+
+def test_center_used_is_the_one_before_the_call_then_ema_of_teacher_mean():
+    torch.manual_seed(2)
+    dim = 6
+    loss_fn = DINOLoss(dim, 3, 0.04, 0.04, 0, 1, center_momentum=0.9)
+    old_center = torch.randn(1, dim)
+    loss_fn.center.copy_(old_center)
+    student, teacher = torch.randn(6, dim), torch.randn(4, dim)
+    expected, _ = manual_loss(student, teacher, old_center, 3, 0.1, 0.04)
+    assert torch.allclose(loss_fn(student, teacher, 0), expected, atol=1e-6)
+    assert torch.allclose(loss_fn.center, 0.9 * old_center + 0.1 * teacher.mean(0, keepdim=True), atol=1e-6)
+
+
+def test_teacher_temperature_schedule_reaches_target_one_epoch_early():
+    schedule = teacher_temp_schedule(0.04, 0.07, 3, 5)
+    assert np.allclose(schedule, [0.04, 0.055, 0.07, 0.07, 0.07])
+    loss_fn = DINOLoss(3, 2, 0.04, 0.07, 3, 5)
+    s, t = torch.randn(4, 3), torch.randn(4, 3)
+    expected, _ = manual_loss(s, t, torch.zeros(1, 3), 2, 0.1, 0.055)
+    assert torch.allclose(loss_fn(s, t, epoch=1), expected, atol=1e-6)
+
+
+def _center_worker(rank, world, init_file, results):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(rank)
+    loss_fn = DINOLoss(4, 2, 0.04, 0.04, 0, 1)
+    teacher = torch.full((2 * (rank + 1), 4), float(rank + 1))  # unequal batches: 2 rows of 1s, 4 rows of 2s
+    loss_fn(torch.randn(len(teacher), 4), teacher, 0)
+    results[rank] = loss_fn.center.clone()
+    dist.destroy_process_group()
+
+
+def test_center_is_all_reduced_across_ranks(tmp_path):
+    results = mp.Manager().dict()
+    mp.spawn(_center_worker, args=(2, str(tmp_path / "init"), results), nprocs=2)
+    global_mean = (2 * 1.0 + 4 * 2.0) / 6
+    for rank in range(2):
+        assert torch.allclose(results[rank], torch.full((1, 4), 0.1 * global_mean))
+
+
+def test_works_without_a_process_group():
+    assert not (dist.is_available() and dist.is_initialized())
+    loss = DINOLoss(8, 4, 0.04, 0.04, 0, 1)(torch.randn(8, 8), torch.randn(4, 8), 0)
+    assert torch.isfinite(loss)
+    with pytest.raises(IndexError):
+        DINOLoss(8, 4, 0.04, 0.04, 0, 1)(torch.randn(8, 8), torch.randn(4, 8), 1)  # past the schedule

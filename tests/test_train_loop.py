@@ -1,0 +1,165 @@
+"""The training loop: exact resume, checkpoint layout and safety, non-finite loss, frozen last layer, DDP."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dino_ray import load_pretrained_weights
+from dino_ray.models.backbones import build_backbone
+from dino_ray.train import loop
+from dino_ray.train.loop import build_student_teacher, train_dino
+
+
+class Stop(Exception):
+    pass
+
+
+def read_log(cfg):
+    return [json.loads(line) for line in open(f"{cfg.output_dir}/log.txt")]
+
+
+def assert_same_state(a, b):
+    for key in ("student", "teacher", "dino_loss"):
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name}"
+    for pid, state in a["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, b["optimizer"]["state"][pid][name]), f"optimizer {pid}.{name}"
+    assert a["epoch"] == b["epoch"]
+
+
+def test_interrupted_run_resumes_exactly(tiny_cfg, tmp_path):
+    straight = tiny_cfg(output_dir=str(tmp_path / "straight"))
+    train_dino(straight, show_progress=False)
+
+    interrupted = tiny_cfg(output_dir=str(tmp_path / "interrupted"))
+
+    def stop_after_epoch_1(epoch, stats, path):
+        if epoch == 1:
+            raise Stop  # as if the process died right after the epoch-1 checkpoint
+
+    with pytest.raises(Stop):
+        train_dino(interrupted, on_epoch_end=stop_after_epoch_1, show_progress=False)
+    assert torch.load(f"{interrupted.output_dir}/checkpoint.pth", weights_only=True)["epoch"] == 2
+    train_dino(interrupted, show_progress=False)
+
+    a = torch.load(f"{straight.output_dir}/checkpoint.pth", weights_only=True)
+    b = torch.load(f"{interrupted.output_dir}/checkpoint.pth", weights_only=True)
+    assert_same_state(a, b)  # centre, optimizer moments and both networks: bit for bit
+    assert [r["epoch"] for r in read_log(interrupted)] == [0, 1, 2]
+    assert [r["train_loss"] for r in read_log(interrupted)] == [r["train_loss"] for r in read_log(straight)]
+
+
+def test_killed_process_resumes_from_its_last_checkpoint(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(epochs=40, output_dir=str(tmp_path / "killed"))
+    args = [sys.executable, "-m", "dino_ray.cli", "pretrain"] + [
+        f"{k}={json.dumps(list(v) if isinstance(v, tuple) else v)}" for k, v in cfg.to_dict().items()]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log_file = tmp_path / "killed" / "log.txt"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not log_file.exists() or len(log_file.read_text().splitlines()) < 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(log_file.read_text().splitlines())
+    assert 2 <= done < 40, "the run should have been killed mid-way"
+    saved = torch.load(tmp_path / "killed" / "checkpoint.pth", weights_only=True)  # complete, loadable
+    assert saved["epoch"] in (done, done + 1)
+
+    resumed = tiny_cfg(epochs=saved["epoch"] + 1, output_dir=str(tmp_path / "killed"))
+    train_dino(resumed, show_progress=False)
+    epochs = [r["epoch"] for r in read_log(resumed)]
+    assert epochs == list(range(saved["epoch"] + 1)), "no epoch before the checkpoint is trained twice"
+
+
+def test_checkpoint_has_the_reference_layout(tiny_cfg):
+    cfg = tiny_cfg(epochs=2)
+    train_dino(cfg, show_progress=False)
+    ckpt = torch.load(f"{cfg.output_dir}/checkpoint.pth", weights_only=True)
+    assert set(ckpt) == {"student", "teacher", "optimizer", "epoch", "args", "dino_loss"}
+    assert all(k.startswith(("module.backbone.", "module.head.")) for k in ckpt["student"])
+    assert all(k.startswith(("backbone.", "head.")) for k in ckpt["teacher"])
+    assert ckpt["epoch"] == 2 and ckpt["args"]["lr"] == cfg.lr and ckpt["dino_loss"]["center"].shape == (1, 64)
+    kept = sorted(p.name for p in __import__("pathlib").Path(cfg.output_dir).glob("checkpoint0*.pth"))
+    assert kept == ["checkpoint0000.pth", "checkpoint0001.pth"]  # saveckp_freq=1
+    backbone = build_backbone("vit_tiny", 4, img_size=16, embed_dim=32, depth=1, num_heads=2)
+    load_pretrained_weights(backbone, f"{cfg.output_dir}/checkpoint.pth", "teacher")
+    assert (tmp := __import__("pathlib").Path(cfg.output_dir) / "config.yaml").exists() and "vit_tiny" in tmp.read_text()
+
+
+def test_corrupt_checkpoint_is_reported_not_replaced(tiny_cfg):
+    cfg = tiny_cfg()
+    path = __import__("pathlib").Path(cfg.output_dir)
+    path.mkdir(parents=True)
+    (path / "checkpoint.pth").write_bytes(b"half a checkpoint")
+    with pytest.raises(ValueError, match="cannot load checkpoint '.*checkpoint.pth'"):
+        train_dino(cfg, show_progress=False)
+    assert (path / "checkpoint.pth").read_bytes() == b"half a checkpoint"
+
+
+def test_non_finite_loss_stops_naming_epoch_and_iteration(tiny_cfg, monkeypatch):
+    calls = []
+
+    class ExplodingLoss(loop.DINOLoss):
+        def forward(self, student_output, teacher_output, epoch):
+            calls.append(epoch)
+            loss = super().forward(student_output, teacher_output, epoch)
+            return loss * float("nan") if epoch == 1 and calls.count(1) == 3 else loss
+
+    monkeypatch.setattr(loop, "DINOLoss", ExplodingLoss)
+    cfg = tiny_cfg()
+    with pytest.raises(FloatingPointError, match="at epoch 1, iteration 2"):
+        train_dino(cfg, show_progress=False)
+    assert torch.load(f"{cfg.output_dir}/checkpoint.pth", weights_only=True)["epoch"] == 1  # epoch 0's, intact
+
+
+def test_last_layer_frozen_during_first_epochs(tiny_cfg):
+    cfg = tiny_cfg(epochs=2, freeze_last_layer=1, norm_last_layer=False)
+    torch.manual_seed(cfg.seed)
+    initial, _ = build_student_teacher(cfg)
+    train_dino(cfg, show_progress=False)
+    after_0 = torch.load(f"{cfg.output_dir}/checkpoint0000.pth", weights_only=True)["student"]
+    after_1 = torch.load(f"{cfg.output_dir}/checkpoint0001.pth", weights_only=True)["student"]
+    for name in ("weight_v", "weight_g"):
+        before = initial.head.last_layer.state_dict()[name]
+        assert torch.equal(after_0[f"module.head.last_layer.{name}"], before)
+        assert not torch.equal(after_1[f"module.head.last_layer.{name}"], before)
+    assert not torch.equal(after_0["module.head.mlp.0.weight"], initial.head.mlp[0].weight)
+
+
+def _ddp_worker(rank, cfg, init_file, results):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    seen = []
+    original = loop.build_loader
+
+    def recording_loader(*args):
+        data = original(*args)
+        seen.append(list(iter(data.sampler)))
+        return data
+
+    loop.build_loader = recording_loader
+    stats = train_dino(cfg, show_progress=False)
+    results[rank] = {"stats": stats, "seen": seen}
+    dist.destroy_process_group()
+
+
+def test_runs_unchanged_under_torch_distributed_gloo(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(epochs=2, batch_size_per_gpu=8)
+    results = mp.Manager().dict()
+    mp.spawn(_ddp_worker, args=(cfg, str(tmp_path / "init"), results), nprocs=2)
+    ckpt = torch.load(f"{cfg.output_dir}/checkpoint.pth", weights_only=True)
+    assert ckpt["epoch"] == 2
+    # every image once per epoch across the two ranks
+    for epoch in (1, 2):  # index 0 is the loader built to count iterations
+        indices = results[0]["seen"][epoch] + results[1]["seen"][epoch]
+        assert sorted(indices) == list(range(128))
+    # lr scaled by the total batch: 8 per rank x 2 ranks = 16
+    assert read_log(cfg)[0]["train_lr"] <= cfg.lr * 16 / 256
