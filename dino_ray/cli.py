@@ -16,8 +16,16 @@ def _pretrain(args: argparse.Namespace) -> None:
     from dino_ray.train.loop import train_dino
 
     cfg = load_config(args.config, args.overrides)
-    stats = train_dino(cfg, resume_from=args.resume_from)
-    log.info("done: %s; checkpoints and log.txt in %s", json.dumps(stats), Path(cfg.output_dir).resolve())
+    if "://" not in cfg.data_path and not Path(cfg.data_path).exists():
+        raise FileNotFoundError(f"data_path '{cfg.data_path}' does not exist")
+    if args.no_ray:
+        stats = train_dino(cfg, resume_from=args.resume_from)
+        log.info("done: %s; checkpoints and log.txt in %s", json.dumps(stats), Path(cfg.output_dir).resolve())
+        return
+    from dino_ray.train.ray_trainer import pretrain_on_ray
+
+    result = pretrain_on_ray(cfg, resume_from=args.resume_from)
+    log.info("done: %s; checkpoints in %s", json.dumps(result.metrics), result.path)
 
 
 def _eval_knn(args: argparse.Namespace) -> None:
@@ -58,10 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dino-ray", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("pretrain", help="DINO pretraining (main_dino.py) from a YAML config")
+    p = sub.add_parser("pretrain", help="DINO pretraining (main_dino.py) from a YAML config, on Ray Train")
     p.add_argument("--config", help="YAML file of main_dino.py flags (experiments/*.yaml)")
-    p.add_argument("--resume-from", dest="resume_from", help="checkpoint .pth to resume from "
-                   "(default: output_dir/checkpoint.pth when present)")
+    p.add_argument("--resume-from", dest="resume_from", help="checkpoint .pth to resume from (default: the run's "
+                   "latest checkpoint when one exists)")
+    p.add_argument("--no-ray", dest="no_ray", action="store_true", help="run the loop in this process, without Ray")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=1e-3 epochs=10")
     p.set_defaults(func=_pretrain)
 

@@ -9,7 +9,7 @@ sit after the reference's own and say so in their comment.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, get_args, get_origin, get_type_hints
 
@@ -21,6 +21,37 @@ OPTIMIZERS = ("adamw", "sgd", "lars")
 
 class ConfigError(ValueError):
     """A config key or value that cannot be used; the message names it."""
+
+
+@dataclass
+class ScalingSection:
+    """Ray Train's ScalingConfig: the training workers and what each one gets."""
+    num_workers: int = 1
+    use_gpu: Optional[bool] = None  # None: use GPUs when the cluster has them
+    resources_per_worker: Optional[dict] = None  # e.g. {CPU: 4, GPU: 1}
+
+
+@dataclass
+class RunSection:
+    """Ray Train's RunConfig: where the run's checkpoints live and under which name."""
+    name: Optional[str] = None  # default: the output_dir's folder name
+    storage_path: Optional[str] = None  # local folder or s3:// / gs:// URI; default: output_dir/ray_results
+
+
+@dataclass
+class FailureSection:
+    """Ray Train's FailureConfig: how many worker failures a run survives (restarting from its checkpoint)."""
+    max_failures: int = 0
+
+
+@dataclass
+class TrackingSection:
+    """MLflow: where runs are recorded."""
+    tracking_uri: Optional[str] = None  # default: $MLFLOW_TRACKING_URI, else SQLite under output_dir
+    experiment_name: str = "dino-ray"
+
+
+SECTIONS = {"scaling": ScalingSection, "run": RunSection, "failure": FailureSection, "tracking": TrackingSection}
 
 
 @dataclass
@@ -76,8 +107,14 @@ class DINOConfig:
     torch_compile: bool = False  # torch.compile the student and teacher
     max_images: Optional[int] = None  # use only the first N images of data_path
     log_freq: int = 10  # iterations between progress-bar metric refreshes
+    # --- Ray and MLflow, in sections named after Ray's own objects ---
+    scaling: ScalingSection = field(default_factory=ScalingSection)
+    run: RunSection = field(default_factory=RunSection)
+    failure: FailureSection = field(default_factory=FailureSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain YAML/JSON-ready values; sections as nested dicts."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     def vit_kwargs(self) -> dict[str, int]:
@@ -85,7 +122,8 @@ class DINOConfig:
         return {k: getattr(self, k) for k in ("embed_dim", "depth", "num_heads") if getattr(self, k) is not None}
 
 
-_HINTS = get_type_hints(DINOConfig)
+_HINTS = {k: v for k, v in get_type_hints(DINOConfig).items() if k not in SECTIONS}
+_HINTS.update({f"{name}.{k}": v for name, cls in SECTIONS.items() for k, v in get_type_hints(cls).items()})
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -116,6 +154,8 @@ def _coerce(key: str, value: Any) -> Any:
             return float(value)
         if hint is str:
             return str(value)
+        if hint is dict and isinstance(value, dict):
+            return dict(value)
     except (TypeError, ValueError):
         pass
     raise ConfigError(f"config key '{key}': value {value!r} is not a valid {hint}")
@@ -158,6 +198,10 @@ def _validate(cfg: DINOConfig) -> None:
         for key in ("global_crops_size", "local_crops_size"):
             if getattr(cfg, key) % cfg.patch_size:
                 problems.append(f"{key} ({getattr(cfg, key)}) is not a multiple of patch_size ({cfg.patch_size})")
+    if cfg.scaling.num_workers < 1:
+        problems.append(f"scaling.num_workers must be >= 1, got {cfg.scaling.num_workers}")
+    if cfg.failure.max_failures < -1:
+        problems.append(f"failure.max_failures must be >= -1 (-1: retry forever), got {cfg.failure.max_failures}")
     if cfg.max_images is not None and cfg.max_images < 1:
         problems.append(f"max_images must be >= 1 or null, got {cfg.max_images}")
     if problems:
@@ -175,13 +219,27 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return parsed
 
 
+def _flatten(values: dict[str, Any]) -> dict[str, Any]:
+    """``{"scaling": {"num_workers": 2}}`` -> ``{"scaling.num_workers": 2}``; flat keys pass through."""
+    flat = {}
+    for key, value in values.items():
+        if key in SECTIONS and isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
 def build_config(values: dict[str, Any], source: str = "config") -> DINOConfig:
-    """Make a validated config from a flat mapping; unknown keys are an error naming them."""
-    known = {f.name for f in fields(DINOConfig)}
-    unknown = sorted(set(values) - known)
+    """Make a validated config from a mapping (sections nested or dotted); unknown keys are an error."""
+    flat = _flatten(values)
+    unknown = sorted(set(flat) - set(_HINTS))
     if unknown:
         raise ConfigError(f"{source}: unknown config key(s) {unknown}")
-    cfg = DINOConfig(**{k: _coerce(k, v) for k, v in values.items()})
+    coerced = {k: _coerce(k, v) for k, v in flat.items()}
+    sections = {name: cls(**{k.split(".", 1)[1]: v for k, v in coerced.items() if k.startswith(name + ".")})
+                for name, cls in SECTIONS.items()}
+    cfg = DINOConfig(**{k: v for k, v in coerced.items() if "." not in k}, **sections)
     _validate(cfg)
     return cfg
 
@@ -200,9 +258,9 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
             raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from exc
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of keys to values")
-        values.update(loaded)
+        values.update(_flatten(loaded))
         source = str(path)
-    values.update(parse_overrides(overrides or []))
+    values.update(_flatten(parse_overrides(overrides or [])))
     return build_config(values, source)
 
 

@@ -59,7 +59,7 @@ def test_interrupted_run_resumes_exactly(tiny_cfg, tmp_path):
 
 def test_killed_process_resumes_from_its_last_checkpoint(tiny_cfg, tmp_path):
     cfg = tiny_cfg(epochs=40, output_dir=str(tmp_path / "killed"))
-    args = [sys.executable, "-m", "dino_ray.cli", "pretrain"] + [
+    args = [sys.executable, "-m", "dino_ray.cli", "pretrain", "--no-ray"] + [
         f"{k}={json.dumps(list(v) if isinstance(v, tuple) else v)}" for k, v in cfg.to_dict().items()]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log_file = tmp_path / "killed" / "log.txt"

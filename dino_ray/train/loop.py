@@ -148,6 +148,9 @@ def train_one_epoch(student: nn.Module, teacher: nn.Module, student_ddp: nn.Modu
     epoch_start = tick = time.perf_counter()
     for i, (images, _, skipped) in enumerate(bar):
         data_time = time.perf_counter() - tick
+        totals["skipped_images"] += skipped
+        if images is None:  # every image of this batch failed to decode
+            continue
         it = len(loader) * epoch + i  # global iteration
         for j, group in enumerate(optimizer.param_groups):
             group["lr"] = float(schedules.lr[it])  # python floats: numpy scalars would need an unpickling allow-list
@@ -159,8 +162,9 @@ def train_one_epoch(student: nn.Module, teacher: nn.Module, student_ddp: nn.Modu
             teacher_output = teacher(images[:2])  # only the 2 global views pass through the teacher
             student_output = student_ddp(images)
             loss = dino_loss(student_output, teacher_output, epoch)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, iteration {i}: stopping; the last "
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"loss is {loss_value} at epoch {epoch}, iteration {i}: stopping; the last "
                                      f"checkpoint in '{cfg.output_dir}' is left intact")
 
         optimizer.zero_grad()
@@ -182,15 +186,16 @@ def train_one_epoch(student: nn.Module, teacher: nn.Module, student_ddp: nn.Modu
         update_teacher(student, teacher, float(schedules.momentum[it]))
 
         steps += 1
-        totals["loss"] += loss.item()
+        totals["loss"] += loss_value
         totals["images"] += len(images[0])
-        totals["skipped_images"] += skipped
         totals["data_time"] += data_time
         totals["step_time"] += time.perf_counter() - tick - data_time
         if show_progress and (i % cfg.log_freq == 0 or i == len(loader) - 1):
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{schedules.lr[it]:.2e}")
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{schedules.lr[it]:.2e}")
         tick = time.perf_counter()
-    last = len(loader) * epoch + steps - 1
+    if steps == 0:
+        raise ValueError(f"epoch {epoch}: no image of '{cfg.data_path}' could be decoded")
+    last = len(loader) * (epoch + 1) - 1
     return {
         "loss": totals["loss"] / steps,
         "lr": float(schedules.lr[last]),

@@ -1,0 +1,123 @@
+"""Pretraining on Ray Train: the core loop on every ``TorchTrainer`` worker; the one place that imports ray.train.
+
+Each worker runs ``train_dino`` unchanged inside the process group Ray sets up (gloo on CPU, NCCL
+on GPU). The loop's checkpoint goes through ``ray.train.report`` every epoch, so Ray keeps the
+latest one (the reference's ``checkpoint.pth``) plus every ``saveckp_freq``-th, in
+``run.storage_path/run.name`` (a local folder or a cloud URI). A worker that fails, or a whole
+run started again with the same name and storage, resumes from the latest reported checkpoint.
+Rank 0 records the run in MLflow (``dino_ray.tracking``); the MLflow run id travels inside the
+checkpoint, so a resumed run continues the same MLflow run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import ray
+import ray.train
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from dino_ray.config import DINOConfig, build_config
+from dino_ray.train.loop import train_dino
+
+log = logging.getLogger(__name__)
+
+RUN_ID_FILE = "mlflow_run_id.txt"
+RESTORED_FILES = ("checkpoint.pth", "log.txt", RUN_ID_FILE)
+
+
+def _restore(local_dir: Path, resume_from: Optional[str]) -> None:
+    """Put the checkpoint to start from into the worker's folder: Ray's latest, else ``resume_from``."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            for name in RESTORED_FILES:
+                if (Path(folder) / name).exists():
+                    shutil.copy(Path(folder) / name, local_dir / name)
+    elif resume_from:
+        shutil.copy(resume_from, local_dir / "checkpoint.pth")
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    cfg = build_config(loop_config["config"])
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    local_dir = Path(tempfile.mkdtemp(prefix=f"dino_ray_rank{rank}_"))
+    _restore(local_dir, loop_config.get("resume_from"))
+    tracker = None
+    if rank == 0:
+        from dino_ray.tracking import RunTracker  # rank 0 alone talks to MLflow
+
+        run_id_file = local_dir / RUN_ID_FILE
+        tracker = RunTracker(cfg, run_id_file.read_text().strip() if run_id_file.exists() else None,
+                             tags={"ray_job_id": loop_config.get("job_id") or "none",
+                                   "num_workers": str(context.get_world_size())})
+        if tracker.run_id:
+            run_id_file.write_text(tracker.run_id)
+
+    def report(epoch: int, stats: dict[str, Any], checkpoint_path: Path) -> None:
+        kept = bool(cfg.saveckp_freq) and epoch % cfg.saveckp_freq == 0
+        metrics = {**stats, "epoch": epoch, "kept_epoch": epoch if kept else -1}
+        if rank != 0:
+            ray.train.report(metrics)
+            return
+        tracker.log_metrics(stats, step=epoch)
+        with tempfile.TemporaryDirectory(dir=local_dir) as folder:
+            for name in (*RESTORED_FILES, "config.yaml"):
+                if (local_dir / name).exists():
+                    shutil.copy(local_dir / name, Path(folder) / name)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder),
+                             checkpoint_dir_name=f"checkpoint_epoch{epoch:04d}")
+        tracker.log_artifact(local_dir / "log.txt")
+
+    local_cfg = dataclasses.replace(cfg, output_dir=str(local_dir))
+    try:
+        train_dino(local_cfg, on_epoch_end=report, show_progress=rank == 0)
+    except BaseException:
+        if tracker is not None:
+            tracker.finish("FAILED")
+        raise
+    if tracker is not None:
+        tracker.log_artifact(local_dir / "config.yaml")
+        tracker.log_artifact(local_dir / "checkpoint.pth", "checkpoints")
+        tracker.finish()
+
+
+def build_trainer(cfg: DINOConfig, resume_from: Optional[str] = None, job_id: Optional[str] = None) -> TorchTrainer:
+    """A TorchTrainer for ``cfg``: scaling, storage, failure and checkpoint-keeping from the config's sections."""
+    use_gpu = cfg.scaling.use_gpu
+    if use_gpu is None:
+        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    storage_path = cfg.run.storage_path or str(Path(cfg.output_dir).resolve() / "ray_results")
+    kept = math.ceil(cfg.epochs / cfg.saveckp_freq) if cfg.saveckp_freq else 1
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "resume_from": resume_from, "job_id": job_id},
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=cfg.scaling.resources_per_worker),
+        run_config=RunConfig(
+            name=cfg.run.name or Path(cfg.output_dir).name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=cfg.failure.max_failures),
+            # Ray always keeps the latest checkpoint; the score keeps every saveckp_freq-th as well.
+            checkpoint_config=CheckpointConfig(num_to_keep=kept, checkpoint_score_attribute="kept_epoch",
+                                               checkpoint_score_order="max"),
+        ),
+    )
+
+
+def pretrain_on_ray(cfg: DINOConfig, resume_from: Optional[str] = None) -> ray.train.Result:
+    """Run (or resume) a pretraining on the Ray cluster this process is connected to (a local one if none)."""
+    if not ray.is_initialized():
+        ray.init()
+    job_id = ray.get_runtime_context().get_job_id()
+    result = build_trainer(cfg, resume_from, job_id).fit()
+    if result.checkpoint is not None:
+        log.info("pretraining done; latest checkpoint: %s", result.checkpoint.path)
+    return result
