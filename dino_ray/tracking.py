@@ -55,6 +55,9 @@ class RunTracker:
     """One MLflow run per pretraining; every call is failure-proof."""
 
     def __init__(self, cfg: DINOConfig, run_id: Optional[str] = None, tags: Optional[dict[str, str]] = None) -> None:
+        # Fail fast on a dead server (MLflow's default retries for minutes); the metrics are in log.txt anyway.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.uri = tracking_uri(cfg)
         self.client = MlflowClient(self.uri)
         self.enabled = True
@@ -100,6 +103,20 @@ class RunTracker:
 
     def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
         self._safe(lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
+
+    def log_model(self, model: Any, input_example: Any, name: str = "teacher_backbone") -> None:
+        """The model as an MLflow model (signature from ``input_example``), loadable with mlflow.pytorch.load_model."""
+        def action() -> None:
+            import mlflow
+            import mlflow.pytorch
+            import torch
+
+            mlflow.set_tracking_uri(self.uri)
+            with mlflow.start_run(run_id=self.run_id):
+                mlflow.pytorch.log_model(model, name=name, input_example=input_example, serialization_format="pickle",
+                                         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "timm",
+                                                           "dino-ray"])
+        self._safe(action)
 
     def finish(self, status: str = "FINISHED") -> None:
         self._safe(lambda: self.client.set_terminated(self.run_id, status))

@@ -18,13 +18,16 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import ray
 import ray.train
+import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from dino_ray.config import DINOConfig, build_config
-from dino_ray.train.loop import train_dino
+from dino_ray.train.checkpoint import load_checkpoint, strip_module_prefix
+from dino_ray.train.loop import build_student_teacher, train_dino
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +35,7 @@ RUN_ID_FILE = "mlflow_run_id.txt"
 RESTORED_FILES = ("checkpoint.pth", "log.txt", RUN_ID_FILE)
 
 
-def _restore(local_dir: Path, resume_from: Optional[str]) -> None:
+def _restore(local_dir: Path, resume_from: Optional[str], mlflow_run_id: Optional[str]) -> None:
     """Put the checkpoint to start from into the worker's folder: Ray's latest, else ``resume_from``."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -42,14 +45,28 @@ def _restore(local_dir: Path, resume_from: Optional[str]) -> None:
                     shutil.copy(Path(folder) / name, local_dir / name)
     elif resume_from:
         shutil.copy(resume_from, local_dir / "checkpoint.pth")
+        if mlflow_run_id:
+            (local_dir / RUN_ID_FILE).write_text(mlflow_run_id)
+
+
+def _log_to_stderr() -> None:
+    """Worker processes start with bare logging: show dino_ray's INFO lines (they reach the job's logs)."""
+    logger = logging.getLogger("dino_ray")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    _log_to_stderr()
     cfg = build_config(loop_config["config"])
     context = ray.train.get_context()
     rank = context.get_world_rank()
     local_dir = Path(tempfile.mkdtemp(prefix=f"dino_ray_rank{rank}_"))
-    _restore(local_dir, loop_config.get("resume_from"))
+    _restore(local_dir, loop_config.get("resume_from"), loop_config.get("mlflow_run_id"))
     tracker = None
     if rank == 0:
         from dino_ray.tracking import RunTracker  # rank 0 alone talks to MLflow
@@ -75,21 +92,54 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder),
                              checkpoint_dir_name=f"checkpoint_epoch{epoch:04d}")
         tracker.log_artifact(local_dir / "log.txt")
+        if kept:
+            tracker.log_artifact(local_dir / f"checkpoint{epoch:04}.pth", "checkpoints")
 
     local_cfg = dataclasses.replace(cfg, output_dir=str(local_dir))
     try:
         train_dino(local_cfg, on_epoch_end=report, show_progress=rank == 0)
+        if tracker is not None:
+            log_final_artifacts(tracker, local_cfg)
+            tracker.finish()
     except BaseException:
         if tracker is not None:
             tracker.finish("FAILED")
         raise
-    if tracker is not None:
-        tracker.log_artifact(local_dir / "config.yaml")
-        tracker.log_artifact(local_dir / "checkpoint.pth", "checkpoints")
-        tracker.finish()
+    finally:
+        shutil.rmtree(local_dir, ignore_errors=True)  # everything worth keeping was reported to the storage
 
 
-def build_trainer(cfg: DINOConfig, resume_from: Optional[str] = None, job_id: Optional[str] = None) -> TorchTrainer:
+def log_final_artifacts(tracker: Any, cfg: DINOConfig) -> None:
+    """The config, the full checkpoint, the teacher backbone alone (the released files' layout) and as an MLflow model."""
+    folder = Path(cfg.output_dir)
+    _, teacher = build_student_teacher(cfg)
+    teacher.load_state_dict(strip_module_prefix(load_checkpoint(folder / "checkpoint.pth")["teacher"]))
+    backbone = teacher.backbone.eval()
+    torch.save(backbone.state_dict(), folder / "teacher_backbone.pth")
+    tracker.log_artifact(folder / "config.yaml")
+    tracker.log_artifact(folder / "checkpoint.pth", "checkpoints")
+    tracker.log_artifact(folder / "teacher_backbone.pth", "checkpoints")
+    example = np.zeros((1, 3, cfg.global_crops_size, cfg.global_crops_size), dtype=np.float32)
+    tracker.log_model(backbone, example)
+
+
+def checkpoint_from_mlflow(cfg: DINOConfig, run_id: str) -> str:
+    """Download the latest checkpoint a pretraining logged to MLflow run ``run_id``; returns its local path."""
+    from mlflow.tracking import MlflowClient
+
+    from dino_ray.tracking import tracking_uri
+
+    target = Path(cfg.output_dir).resolve() / "resume" / run_id
+    target.mkdir(parents=True, exist_ok=True)
+    try:
+        return MlflowClient(tracking_uri(cfg)).download_artifacts(run_id, "checkpoints/checkpoint.pth", str(target))
+    except Exception as exc:  # noqa: BLE001 - MLflow raises several types for a missing run or artifact
+        raise FileNotFoundError(f"--resume-from '{run_id}' is neither a checkpoint file nor an MLflow run with a "
+                                f"checkpoints/checkpoint.pth artifact at {tracking_uri(cfg)}: {exc}") from exc
+
+
+def build_trainer(cfg: DINOConfig, resume_from: Optional[str] = None, job_id: Optional[str] = None,
+                  mlflow_run_id: Optional[str] = None) -> TorchTrainer:
     """A TorchTrainer for ``cfg``: scaling, storage, failure and checkpoint-keeping from the config's sections."""
     use_gpu = cfg.scaling.use_gpu
     if use_gpu is None:
@@ -98,7 +148,8 @@ def build_trainer(cfg: DINOConfig, resume_from: Optional[str] = None, job_id: Op
     kept = math.ceil(cfg.epochs / cfg.saveckp_freq) if cfg.saveckp_freq else 1
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "resume_from": resume_from, "job_id": job_id},
+        train_loop_config={"config": cfg.to_dict(), "resume_from": resume_from, "job_id": job_id,
+                           "mlflow_run_id": mlflow_run_id},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=cfg.scaling.resources_per_worker),
         run_config=RunConfig(
@@ -113,11 +164,19 @@ def build_trainer(cfg: DINOConfig, resume_from: Optional[str] = None, job_id: Op
 
 
 def pretrain_on_ray(cfg: DINOConfig, resume_from: Optional[str] = None) -> ray.train.Result:
-    """Run (or resume) a pretraining on the Ray cluster this process is connected to (a local one if none)."""
+    """Run (or resume) a pretraining on the Ray cluster this process is connected to (a local one if none).
+
+    ``resume_from``: a ``checkpoint.pth`` path, or the id of an MLflow run whose checkpoint to continue
+    from (that MLflow run then continues too).
+    """
+    mlflow_run_id = None
+    if resume_from and not Path(resume_from).is_file():
+        mlflow_run_id = resume_from
+        resume_from = checkpoint_from_mlflow(cfg, resume_from)
     if not ray.is_initialized():
         ray.init()
     job_id = ray.get_runtime_context().get_job_id()
-    result = build_trainer(cfg, resume_from, job_id).fit()
+    result = build_trainer(cfg, resume_from, job_id, mlflow_run_id).fit()
     if result.checkpoint is not None:
         log.info("pretraining done; latest checkpoint: %s", result.checkpoint.path)
     return result
