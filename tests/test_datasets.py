@@ -1,5 +1,4 @@
 """Parquet and ImageFolder datasets on real CIFAR-10 images, with bad files skipped and named."""
-import io
 import logging
 
 import pyarrow as pa

@@ -1,5 +1,14 @@
 """Pretraining on real Ray Train workers (gloo on CPU), tracked in the embedded MLflow store."""
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +17,8 @@ ray = pytest.importorskip("ray")
 
 import mlflow.pytorch  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
+
+from ray.util.state import list_actors  # noqa: E402
 
 from dino_ray import build_backbone, load_pretrained_weights  # noqa: E402
 
@@ -20,6 +31,14 @@ def local_ray():
     ray.init(num_cpus=2, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+def wait_for(path, timeout=180.0):
+    """Block until ``path`` exists (a checkpoint Ray has written), or ``timeout`` seconds."""
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and not path.exists():
+        time.sleep(0.2)
 
 
 def epoch_losses(result_path):
@@ -69,12 +88,6 @@ def test_two_workers_train_resume_and_track_one_mlflow_run(local_ray, tiny_cfg, 
 
 
 def test_killed_worker_is_replaced_and_the_run_finishes(local_ray, tiny_cfg, tmp_path):
-    import os
-    import signal
-    import threading
-    import time
-
-    from ray.util.state import list_actors
 
     cfg = tiny_cfg(epochs=25, batch_size_per_gpu=8, scaling={"num_workers": 2}, failure={"max_failures": 2},
                    output_dir=str(tmp_path / "ft"))
@@ -82,9 +95,7 @@ def test_killed_worker_is_replaced_and_the_run_finishes(local_ray, tiny_cfg, tmp
     killed = []
 
     def kill_a_worker_mid_run():
-        deadline = time.time() + 180
-        while time.time() < deadline and not (run_dir / "checkpoint_epoch0002").exists():
-            time.sleep(0.2)
+        wait_for(run_dir / "checkpoint_epoch0002")
         workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
         os.kill(workers[-1].pid, signal.SIGKILL)  # a worker process dies mid-run
         killed.append(len(workers))
@@ -122,7 +133,6 @@ def test_resume_from_an_mlflow_run_id(local_ray, tiny_cfg, tmp_path):
 
 
 def free_port() -> int:
-    import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -130,12 +140,8 @@ def free_port() -> int:
 
 
 def start_mlflow_server(tmp_path, port):
-    import subprocess
-    import sys
-    import time
-    import urllib.request
 
-    mlflow_bin = str(__import__("pathlib").Path(sys.executable).parent / "mlflow")
+    mlflow_bin = str(Path(sys.executable).parent / "mlflow")
     server = subprocess.Popen([mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
                                "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
                                "--artifacts-destination", str(tmp_path / "server_artifacts")],
@@ -152,10 +158,6 @@ def start_mlflow_server(tmp_path, port):
 
 
 def test_tracking_server_and_its_loss_mid_run(local_ray, tiny_cfg, tmp_path):
-    import os
-    import signal
-    import threading
-    import time
 
     port = free_port()
     server = start_mlflow_server(tmp_path, port)
@@ -166,9 +168,7 @@ def test_tracking_server_and_its_loss_mid_run(local_ray, tiny_cfg, tmp_path):
     logged_before_stop = []
 
     def stop_server_mid_run():
-        deadline = time.time() + 180
-        while time.time() < deadline and not (run_dir / "checkpoint_epoch0003").exists():
-            time.sleep(0.2)
+        wait_for(run_dir / "checkpoint_epoch0003")
         client = MlflowClient(uri)
         (run,) = client.search_runs([client.get_experiment_by_name("served").experiment_id])
         logged_before_stop.append(len(client.get_metric_history(run.info.run_id, "loss")))
