@@ -34,7 +34,7 @@ def main() -> None:
     args = parser.parse_args()
     data = SHARED if SHARED.exists() else ROOT / "data" / "cifar10_sample" / "train.parquet"
     work = Path(tempfile.mkdtemp(prefix="dino_ray_bench_"))
-    common = [f"data_path={data}", f"max_images={args.images}", f"epochs={args.epochs}"]
+    common = [f"data_path={data}", f"max_images={args.images}", f"epochs={args.epochs}", "eval.knn_every=0"]
 
     plain_cfg = load_config(ROOT / "experiments" / "cifar10_cpu.yaml", [*common, f"output_dir={work / 'plain'}"])
     start = time.time()

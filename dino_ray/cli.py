@@ -28,38 +28,67 @@ def _pretrain(args: argparse.Namespace) -> None:
     log.info("done: %s; checkpoints in %s", json.dumps(result.metrics), result.path)
 
 
-def _eval_knn(args: argparse.Namespace) -> None:
-    from dino_ray.data.augment import eval_transform
-    from dino_ray.data.datasets import build_dataset
-    from dino_ray.eval.features import backbone_from_weights
-    from dino_ray.eval.knn import evaluate_knn
+def _vit_shape(args: argparse.Namespace) -> dict[str, int]:
+    return {k: getattr(args, k) for k in ("embed_dim", "depth", "num_heads") if getattr(args, k)}
 
-    backbone, shape = backbone_from_weights(args.pretrained_weights, args.arch, args.patch_size,
-                                            args.checkpoint_key, embed_dim=args.embed_dim, depth=args.depth,
-                                            num_heads=args.num_heads)
-    image_size = args.image_size or shape["image_size"]
-    transform = eval_transform(image_size, args.resize_size)
-    train_set = val_set = None
-    if args.load_features:
-        log.info("k-NN: %s on features from %s", shape, args.load_features)
-    else:
-        train_path = args.train_data_path or Path(args.data_path) / "train"
-        val_path = args.val_data_path or Path(args.data_path) / "val"
-        train_set = build_dataset(train_path, transform, args.max_train_images)
-        val_set = build_dataset(val_path, transform, args.max_val_images)
-        log.info("k-NN: %s on %d train / %d val images (%s, %s)", shape, len(train_set), len(val_set), train_path,
-                 val_path)
-    results = evaluate_knn(backbone, train_set, val_set, args.nb_knn, args.temperature, args.batch_size_per_gpu,
-                           args.num_workers, args.dump_features, args.load_features)
-    for k, (top1, top5) in results.items():
-        print(f"{k}-NN classifier result: Top1: {top1:.2f}, Top5: {top5:.2f}")
-    if args.output_dir:
-        out = Path(args.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        record = {"weights": str(args.pretrained_weights), **shape, "temperature": args.temperature,
-                  "results": {str(k): {"top1": t1, "top5": t5} for k, (t1, t5) in results.items()}}
-        (out / "knn.json").write_text(json.dumps(record, indent=2))
-        log.info("k-NN results written to %s", out / "knn.json")
+
+def _eval_knn(args: argparse.Namespace) -> None:
+    from dino_ray.eval.jobs import knn_job
+
+    knn_job(args.pretrained_weights, args.train_data_path or str(Path(args.data_path) / "train"),
+            args.val_data_path or str(Path(args.data_path) / "val"), args.output_dir, args.nb_knn, args.temperature,
+            args.checkpoint_key, args.arch, args.patch_size, _vit_shape(args), args.image_size, args.resize_size,
+            args.max_train_images, args.max_val_images, args.batch_size_per_gpu, args.num_workers,
+            use_ray=not args.no_ray, num_shards=args.num_shards, dump_features=args.dump_features,
+            load_features=args.load_features, tracking_uri=args.tracking_uri, checkpoint=args.checkpoint)
+
+
+def _eval_linear(args: argparse.Namespace) -> None:
+    from dino_ray.eval.jobs import linear_job
+    from dino_ray.eval.linear import LinearArgs
+
+    fields = {k: getattr(args, k) for k in LinearArgs.__dataclass_fields__ if hasattr(args, k)}
+    fields["train_data_path"] = args.train_data_path or str(Path(args.data_path) / "train")
+    fields["val_data_path"] = args.val_data_path or str(Path(args.data_path) / "val")
+    linear_job(LinearArgs(**fields, vit_shape=_vit_shape(args)), use_ray=not args.no_ray,
+               ray_workers=args.ray_workers, tracking_uri=args.tracking_uri, checkpoint=args.checkpoint,
+               max_failures=args.max_failures)
+
+
+def _visualize_attention(args: argparse.Namespace) -> None:
+    from dino_ray.eval.jobs import attention_job
+
+    size = tuple(args.image_size) if len(args.image_size) == 2 else args.image_size[0]
+    attention_job(args.pretrained_weights, args.image_path, args.output_dir, args.checkpoint_key, args.arch,
+                  args.patch_size, _vit_shape(args), size, args.threshold, args.tracking_uri, args.checkpoint,
+                  track=not args.no_mlflow)
+
+
+def _weights_flags(p: argparse.ArgumentParser) -> None:
+    """How every eval names its weights (see dino_ray.eval.weights)."""
+    p.add_argument("--pretrained_weights", required=True, help="a checkpoint file (dino-ray or official, full or "
+                   "backbone-only), a pretraining's MLflow run id (or runs:/<id>), or dino_vits16 / dino_vitb8 / ...")
+    p.add_argument("--checkpoint", default=None, help="with a run id: which logged checkpoint, e.g. "
+                   "checkpoint0040.pth (default: the latest, checkpoint.pth)")
+    p.add_argument("--checkpoint_key", default="teacher", help='"teacher" or "student" in full checkpoints')
+    p.add_argument("--arch", default=None, help="default: from the checkpoint's args, else vit_small")
+    p.add_argument("--patch_size", type=int, default=None, help="default: from the checkpoint's args, else 16")
+    p.add_argument("--embed_dim", type=int, default=None)
+    p.add_argument("--depth", type=int, default=None)
+    p.add_argument("--num_heads", type=int, default=None)
+    p.add_argument("--tracking_uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI, else the "
+                   "pretraining's store, else sqlite under --output_dir)")
+
+
+def _data_flags(p: argparse.ArgumentParser, batch_size: int) -> None:
+    p.add_argument("--data_path", default="/path/to/imagenet/", help="folder with train/ and val/")
+    p.add_argument("--train_data_path", default=None, help="overrides data_path/train (ImageFolder or Parquet)")
+    p.add_argument("--val_data_path", default=None, help="overrides data_path/val")
+    p.add_argument("--max_train_images", type=int, default=None)
+    p.add_argument("--max_val_images", type=int, default=None)
+    p.add_argument("--batch_size_per_gpu", type=int, default=batch_size)
+    p.add_argument("--num_workers", type=int, default=10, help="data-loading processes")
+    p.add_argument("--no-ray", dest="no_ray", action="store_true", help="run in this process, without Ray")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,28 +104,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_pretrain)
 
     p = sub.add_parser("eval-knn", help="weighted k-NN evaluation (eval_knn.py) of frozen features")
-    p.add_argument("--pretrained_weights", required=True, help="a dino-ray/official checkpoint or backbone file")
-    p.add_argument("--checkpoint_key", default="teacher", help='"teacher" or "student" in full checkpoints')
-    p.add_argument("--arch", default=None, help="default: from the checkpoint's args, else vit_small")
-    p.add_argument("--patch_size", type=int, default=None, help="default: from the checkpoint's args, else 16")
-    p.add_argument("--embed_dim", type=int, default=None)
-    p.add_argument("--depth", type=int, default=None)
-    p.add_argument("--num_heads", type=int, default=None)
+    _weights_flags(p)
+    _data_flags(p, 128)
     p.add_argument("--nb_knn", type=int, nargs="+", default=[10, 20, 100, 200])
     p.add_argument("--temperature", type=float, default=0.07)
-    p.add_argument("--batch_size_per_gpu", type=int, default=128)
-    p.add_argument("--num_workers", type=int, default=10)
-    p.add_argument("--data_path", default="/path/to/imagenet/", help="folder with train/ and val/")
-    p.add_argument("--train_data_path", default=None, help="overrides data_path/train (ImageFolder or Parquet)")
-    p.add_argument("--val_data_path", default=None, help="overrides data_path/val")
-    p.add_argument("--max_train_images", type=int, default=None)
-    p.add_argument("--max_val_images", type=int, default=None)
     p.add_argument("--image_size", type=int, default=None, help="centre-crop size (default: pretraining's)")
     p.add_argument("--resize_size", type=int, default=None, help="resize before the crop (default: 256/224 x)")
-    p.add_argument("--dump_features", default=None, help="folder to save the features in")
+    p.add_argument("--num_shards", type=int, default=None, help="Ray tasks per split (default: one per CPU/GPU)")
+    p.add_argument("--dump_features", default=None, help="folder to save the features in (Parquet)")
     p.add_argument("--load_features", default=None, help="folder to load saved features from")
-    p.add_argument("--output_dir", default=None, help="where knn.json goes")
+    p.add_argument("--output_dir", default="outputs/knn", help="where knn.json goes")
     p.set_defaults(func=_eval_knn)
+
+    p = sub.add_parser("eval-linear", help="linear probe on frozen features (eval_linear.py), on Ray Train")
+    _weights_flags(p)
+    _data_flags(p, 128)
+    p.add_argument("--n_last_blocks", type=int, default=4, help="CLS tokens of the last n blocks (4 for ViT-S, "
+                   "1 for ViT-B in the paper)")
+    p.add_argument("--avgpool_patchtokens", type=lambda v: v.lower() in ("1", "true", "yes"), default=False,
+                   help="also the patch-token mean, interleaved with the last CLS token (True for ViT-B)")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--lr", type=float, default=0.001, help="per 256 images")
+    p.add_argument("--val_freq", type=int, default=1)
+    p.add_argument("--num_labels", type=int, default=1000)
+    p.add_argument("--crop_size", type=int, default=224)
+    p.add_argument("--resize_size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--evaluate", action="store_true", help="only evaluate a saved head (--head_weights, default "
+                   "output_dir/checkpoint.pth)")
+    p.add_argument("--head_weights", default=None)
+    p.add_argument("--ray_workers", type=int, default=1, help="Ray Train workers")
+    p.add_argument("--max_failures", type=int, default=0)
+    p.add_argument("--output_dir", default="outputs/linear")
+    p.set_defaults(func=_eval_linear)
+
+    p = sub.add_parser("visualize-attention", help="last-block CLS attention maps (visualize_attention.py)")
+    _weights_flags(p)
+    p.add_argument("--image_path", nargs="+", required=True, help="one or more image files")
+    p.add_argument("--image_size", type=int, nargs="+", default=[480, 480], help="resize to (h w) or shorter side")
+    p.add_argument("--threshold", type=float, default=None, help="keep this fraction of the attention mass")
+    p.add_argument("--output_dir", default="outputs/attention")
+    p.add_argument("--no-mlflow", dest="no_mlflow", action="store_true", help="only write the PNGs")
+    p.set_defaults(func=_visualize_attention)
     return parser
 
 

@@ -29,6 +29,7 @@ class ScalingSection:
     num_workers: int = 1
     use_gpu: Optional[bool] = None  # None: use GPUs when the cluster has them
     resources_per_worker: Optional[dict] = None  # e.g. {CPU: 4, GPU: 1}
+    placement_strategy: str = "PACK"  # or SPREAD / STRICT_SPREAD (one worker per node) / STRICT_PACK
 
 
 @dataclass
@@ -51,7 +52,23 @@ class TrackingSection:
     experiment_name: str = "dino-ray"
 
 
-SECTIONS = {"scaling": ScalingSection, "run": RunSection, "failure": FailureSection, "tracking": TrackingSection}
+@dataclass
+class EvalSection:
+    """Evaluation while pretraining: a k-NN monitor and attention maps of every ``knn_every``-th checkpoint,
+    run in Ray Train's asynchronous validation tasks (beside the training workers, not on their time)."""
+    knn_every: int = 0  # epochs between monitors; 0: off
+    knn_train_data: Optional[str] = None  # labelled images for the k-NN memory bank; default: data_path
+    knn_val_data: Optional[str] = None  # held-out labelled images (needed when knn_every > 0)
+    knn_train_images: int = 2000
+    knn_val_images: int = 500
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    attention_images: int = 2  # the first images of knn_val_data, 0: no attention figures
+    num_cpus: float = 1.0  # Ray resources of one monitor task
+
+
+SECTIONS = {"scaling": ScalingSection, "run": RunSection, "failure": FailureSection, "tracking": TrackingSection,
+            "eval": EvalSection}
 
 
 @dataclass
@@ -106,12 +123,13 @@ class DINOConfig:
     fused_optimizer: bool = False  # torch's fused AdamW/SGD kernels
     torch_compile: bool = False  # torch.compile the student and teacher
     max_images: Optional[int] = None  # use only the first N images of data_path
-    log_freq: int = 10  # iterations between progress-bar metric refreshes
+    log_freq: int = 10  # iterations between per-iteration metrics (progress bar, MLflow iter/*)
     # --- Ray and MLflow, in sections named after Ray's own objects ---
     scaling: ScalingSection = field(default_factory=ScalingSection)
     run: RunSection = field(default_factory=RunSection)
     failure: FailureSection = field(default_factory=FailureSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
+    eval: EvalSection = field(default_factory=EvalSection)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML/JSON-ready values; sections as nested dicts."""
@@ -204,6 +222,10 @@ def _validate(cfg: DINOConfig) -> None:
         problems.append(f"failure.max_failures must be >= -1 (-1: retry forever), got {cfg.failure.max_failures}")
     if cfg.max_images is not None and cfg.max_images < 1:
         problems.append(f"max_images must be >= 1 or null, got {cfg.max_images}")
+    if cfg.eval.knn_every < 0:
+        problems.append(f"eval.knn_every must be >= 0, got {cfg.eval.knn_every}")
+    if cfg.eval.knn_every and not cfg.eval.knn_val_data:
+        problems.append("eval.knn_every is set but eval.knn_val_data (held-out labelled images) is not")
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
 
@@ -219,7 +241,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return parsed
 
 
-def _flatten(values: dict[str, Any]) -> dict[str, Any]:
+def flatten(values: dict[str, Any]) -> dict[str, Any]:
     """``{"scaling": {"num_workers": 2}}`` -> ``{"scaling.num_workers": 2}``; flat keys pass through."""
     flat = {}
     for key, value in values.items():
@@ -232,7 +254,7 @@ def _flatten(values: dict[str, Any]) -> dict[str, Any]:
 
 def build_config(values: dict[str, Any], source: str = "config") -> DINOConfig:
     """Make a validated config from a mapping (sections nested or dotted); unknown keys are an error."""
-    flat = _flatten(values)
+    flat = flatten(values)
     unknown = sorted(set(flat) - set(_HINTS))
     if unknown:
         raise ConfigError(f"{source}: unknown config key(s) {unknown}")
@@ -258,9 +280,9 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
             raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from exc
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of keys to values")
-        values.update(_flatten(loaded))
+        values.update(flatten(loaded))
         source = str(path)
-    values.update(_flatten(parse_overrides(overrides or [])))
+    values.update(flatten(parse_overrides(overrides or [])))
     return build_config(values, source)
 
 

@@ -4,6 +4,11 @@ Caron et al. 2021, Eq. (1)-(2) and Sec. 3.1 (centring); the reference's ``main_d
 Every (teacher global view, student view) pair is used except a view against itself; the centre
 used is the one from before the call, then updated by EMA from the raw teacher outputs, averaged
 over all ranks when a ``torch.distributed`` group is up (one process works without one).
+
+Collapse monitors (the paper's Sec. 5.3 / Fig. 7): after each call, ``last_teacher_entropy`` is
+the mean entropy h(P_t) of the teacher's output and ``last_kl`` the mean KL(P_t || P_s) over the
+same view pairs as the loss (cross-entropy minus entropy). Collapse to one dimension drives both
+to 0; collapse to uniform drives the entropy to log(out_dim) and the KL to 0.
 """
 from __future__ import annotations
 
@@ -50,7 +55,12 @@ class DINOLoss(nn.Module):
                 total_loss = total_loss + torch.sum(-q * F.log_softmax(s, dim=-1), dim=-1).mean()
                 n_loss_terms += 1
         self.update_center(teacher_output)
-        return total_loss / n_loss_terms
+        loss = total_loss / n_loss_terms
+        with torch.no_grad():  # every teacher view is paired with ncrops - 1 student views: a plain mean matches
+            q_all = torch.cat(teacher_out)
+            self.last_teacher_entropy = -torch.special.xlogy(q_all, q_all).sum(dim=-1).mean()
+            self.last_kl = loss.detach() - self.last_teacher_entropy
+        return loss
 
     @torch.no_grad()
     def update_center(self, teacher_output: torch.Tensor) -> None:

@@ -1,8 +1,11 @@
-"""``make quickstart``: a small real DINO pretraining on CIFAR-10, then k-NN of its teacher vs random init.
+"""``make quickstart``: a small real DINO pretraining on local Ray, k-NN and attention maps, all in MLflow.
 
-Runs offline in minutes on 2 CPU cores: ``experiments/cifar10_cpu.yaml`` on the given Parquet
-images, then the weighted k-NN (k=20, T=0.07) on a held-out split, for the pretrained teacher and
-for the same network at its random initialisation, so the gain from pretraining is visible.
+Runs offline in minutes on 2 CPU cores: ``experiments/cifar10_cpu.yaml`` on a 1-worker Ray Train
+run (a local Ray instance is started), tracked in the embedded MLflow store under the output
+folder; then the weighted k-NN (k=20, T=0.07) on a held-out split, for the pretrained teacher and
+for the same network at its random initialisation, so the gain from pretraining is visible; then
+the teacher's last-block attention maps for a few held-out images. The evaluations are MLflow runs
+nested under the pretraining run.
 """
 from __future__ import annotations
 
@@ -13,26 +16,48 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import ray
 import torch
 
 from dino_ray.config import load_config
 from dino_ray.data.augment import eval_transform
 from dino_ray.data.datasets import build_dataset
+from dino_ray.eval.attention import save_attention
 from dino_ray.eval.knn import evaluate_knn
+from dino_ray.eval.monitor import first_images
 from dino_ray.models.hub import load_pretrained_weights
-from dino_ray.train.loop import build_student_teacher, train_dino
+from dino_ray.tracking import eval_tracker, tracking_uri, ui_command
+from dino_ray.train.loop import build_student_teacher
+from dino_ray.train.checkpoint import RUN_ID_FILE
+from dino_ray.train.ray_trainer import pretrain_on_ray
 
 log = logging.getLogger("dino_ray.quickstart")
 CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "cifar10_cpu.yaml"
 
 
 def run_quickstart(train_data: str, val_data: str, output_dir: str, overrides: Optional[list[str]] = None,
-                   knn_train_images: int = 5000, knn_val_images: int = 2000) -> dict:
-    """Pretrain, evaluate, write ``quickstart.json``; returns its content."""
-    cfg = load_config(CONFIG, [f"data_path={train_data}", f"output_dir={output_dir}", *(overrides or [])])
-    start = time.time()
-    stats = train_dino(cfg)
-    train_minutes = (time.time() - start) / 60
+                   knn_train_images: int = 5000, knn_val_images: int = 2000, attention_images: int = 4) -> dict:
+    """Pretrain on Ray, evaluate, log to MLflow, write ``quickstart.json``; returns its content."""
+    out = Path(output_dir).resolve()
+    run_name = time.strftime("quickstart-%Y%m%d-%H%M%S")  # a new run each time; earlier ones stay comparable
+    cfg = load_config(CONFIG, [f"data_path={train_data}", f"output_dir={out}", "scaling.num_workers=1",
+                               f"run.name={run_name}", f"eval.knn_val_data={val_data}", *(overrides or [])])
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(include_dashboard=True)
+    try:
+        start = time.time()
+        result = pretrain_on_ray(cfg)
+        train_minutes = (time.time() - start) / 60
+    finally:
+        if started_ray:
+            ray.shutdown()
+    if result.error is not None or result.checkpoint is None:
+        raise RuntimeError(f"pretraining failed: {result.error}")
+    final = out / run_name
+    result.checkpoint.to_directory(str(final))
+    run_id = (final / RUN_ID_FILE).read_text().strip()
+    trained_epochs = torch.load(final / "checkpoint.pth", weights_only=True)["epoch"]
 
     transform = eval_transform(cfg.global_crops_size, cfg.global_crops_size)
     knn_train = build_dataset(train_data, transform, knn_train_images)
@@ -40,16 +65,37 @@ def run_quickstart(train_data: str, val_data: str, output_dir: str, overrides: O
     torch.manual_seed(cfg.seed)
     _, random_init = build_student_teacher(cfg)  # the exact initial weights of this run
     _, pretrained = build_student_teacher(cfg)
-    load_pretrained_weights(pretrained.backbone, Path(output_dir) / "checkpoint.pth", "teacher")
+    load_pretrained_weights(pretrained.backbone, final / "checkpoint.pth", "teacher")
     results = {}
     for name, model in (("random_init", random_init.backbone), ("pretrained", pretrained.backbone)):
         top1, top5 = evaluate_knn(model, knn_train, knn_val, nb_knn=[20], temperature=0.07, batch_size=256)[20]
         results[name] = {"top1": top1, "top5": top5}
-    losses = [json.loads(line)["train_loss"] for line in open(Path(output_dir) / "log.txt")]
+
+    uri = tracking_uri(cfg)
+    knn_run = eval_tracker(uri, run_id, "knn", {"nb_knn": 20, "temperature": 0.07, "train_images": len(knn_train),
+                                                 "val_images": len(knn_val), "val_data": val_data},
+                           epoch=trained_epochs)
+    knn_run.log_metrics({"top1_k20": results["pretrained"]["top1"], "top5_k20": results["pretrained"]["top5"],
+                         "random_init_top1_k20": results["random_init"]["top1"]}, step=trained_epochs - 1)
+    knn_run.finish()
+
+    attention_dir = out / "attention"
+    attention_run = eval_tracker(uri, run_id, "attention", {"images": attention_images, "threshold": 0.6,
+                                                            "image_size": 4 * cfg.global_crops_size},
+                                 epoch=trained_epochs)
+    for image in first_images(val_data, attention_dir / "inputs", attention_images):
+        files = save_attention(pretrained.backbone, image, attention_dir / image.stem, cfg.patch_size,
+                               image_size=4 * cfg.global_crops_size, threshold=0.6)
+        attention_run.log_artifact(files[-1], f"attention/{image.stem}")
+    attention_run.finish()
+
+    losses = [json.loads(line)["train_loss"] for line in open(final / "log.txt")]
     summary = {"train_minutes": round(train_minutes, 2), "epochs": cfg.epochs, "loss_first_epoch": losses[0],
-               "loss_last_epoch": losses[-1], "images_per_s": stats.get("images_per_s"),
-               "knn_train_images": len(knn_train), "knn_val_images": len(knn_val), "knn_k20": results}
-    (Path(output_dir) / "quickstart.json").write_text(json.dumps(summary, indent=2))
+               "loss_last_epoch": losses[-1], "images_per_s": result.metrics.get("images_per_s"),
+               "knn_train_images": len(knn_train), "knn_val_images": len(knn_val), "knn_k20": results,
+               "mlflow_run_id": run_id, "tracking_uri": uri, "checkpoint": str(final / "checkpoint.pth"),
+               "attention": str(attention_dir)}
+    (out / "quickstart.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -67,7 +113,9 @@ def main(argv: Optional[list[str]] = None) -> None:
           f"loss {summary['loss_first_epoch']:.3f} -> {summary['loss_last_epoch']:.3f}")
     print(f"k-NN top-1 (k=20) on {summary['knn_val_images']} held-out images: "
           f"pretrained teacher {knn['pretrained']['top1']:.1f}% vs random init {knn['random_init']['top1']:.1f}%")
-    print(f"checkpoints, log.txt and quickstart.json in {Path(args.output_dir).resolve()}")
+    print(f"checkpoint: {summary['checkpoint']}; attention maps: {summary['attention']}")
+    print(f"MLflow run {summary['mlflow_run_id']} (k-NN and attention runs nested under it). Open the UI with:")
+    print(f"  {ui_command(summary['tracking_uri'])}")
 
 
 if __name__ == "__main__":

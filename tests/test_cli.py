@@ -36,14 +36,14 @@ def test_eval_knn_on_a_pretraining_checkpoint(tiny_cfg, cifar_rows, tmp_path, ca
     code = main(["eval-knn", "--pretrained_weights", f"{cfg.output_dir}/checkpoint.pth", "--train_data_path",
                  str(cifar_rows), "--val_data_path", str(cifar_rows), "--max_train_images", "200",
                  "--max_val_images", "56", "--nb_knn", "5", "10", "--num_workers", "0", "--output_dir", str(out),
-                 "--dump_features", str(out / "features")])
+                 "--dump_features", str(out / "features"), "--no-ray", "--tracking_uri", f"sqlite:///{out}/mlflow.db"])
     assert code == 0
     assert "5-NN classifier result: Top1:" in capsys.readouterr().out
     record = json.loads((out / "knn.json").read_text())
     assert record["arch"] == "vit_tiny" and record["embed_dim"] == 32 and set(record["results"]) == {"5", "10"}
-    assert (out / "features" / "features.pt").exists()
+    assert (out / "features" / "train" / "part-00000.parquet").exists() and (out / "features" / "val").is_dir()
     again = main(["eval-knn", "--pretrained_weights", f"{cfg.output_dir}/checkpoint.pth", "--load_features",
-                  str(out / "features"), "--nb_knn", "5", "--output_dir", str(out / "reloaded")])
+                  str(out / "features"), "--nb_knn", "5", "--output_dir", str(out / "reloaded"), "--no-ray"])
     assert again == 0
     reloaded = json.loads((out / "reloaded" / "knn.json").read_text())
     assert reloaded["results"]["5"] == record["results"]["5"]

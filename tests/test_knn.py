@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from dino_ray import knn_classifier
+from dino_ray.eval.knn import knn_classifiers
 
 
 def test_weighted_vote_by_hand():
@@ -48,3 +49,11 @@ def test_no_test_rows_is_an_error():
     with pytest.raises(ValueError, match="no test features"):
         knn_classifier(torch.randn(3, 2), torch.tensor([0, 1, 0]), torch.empty(0, 2), torch.empty(0, dtype=torch.long),
                        1, 0.07)
+
+
+def test_one_pass_over_several_k_equals_one_call_per_k():
+    torch.manual_seed(2)
+    train, train_labels = torch.randn(400, 16), torch.randint(0, 5, (400,))
+    test, test_labels = torch.randn(90, 16), torch.randint(0, 5, (90,))
+    together = knn_classifiers(train, train_labels, test, test_labels, [1, 10, 20, 500], 0.07, max_chunk_elements=5000)
+    assert together == {k: knn_classifier(train, train_labels, test, test_labels, k, 0.07) for k in (1, 10, 20, 500)}

@@ -1,10 +1,19 @@
-"""Extract backbone features (the CLS output) for a labelled image dataset."""
+"""Extract backbone features (the CLS output) for a labelled image dataset; save and reload them as Parquet.
+
+Saved features are ``<folder>/<split>/part-NNNNN.parquet`` files with a ``label`` (int64) and a
+``feature`` (list of float32) column, one row per image in dataset order across the parts: the layout
+the distributed extraction on Ray writes (one part per task) and ``--dump_features`` writes.
+"""
 from __future__ import annotations
 
-import argparse
+import math
+import re
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -12,7 +21,8 @@ from tqdm.auto import tqdm
 
 from dino_ray.data.datasets import collate_skipping_bad
 from dino_ray.models.backbones import build_backbone
-from dino_ray.models.hub import load_checkpoint_weights, safe_load
+from dino_ray.eval.weights import recorded_args
+from dino_ray.models.hub import extract_state_dict, load_checkpoint_weights, safe_load
 
 
 @torch.no_grad()
@@ -41,8 +51,7 @@ def backbone_from_weights(pretrained_weights: str, arch: Optional[str] = None, p
     if not Path(pretrained_weights).is_file():
         raise FileNotFoundError(f"pretrained_weights '{pretrained_weights}' does not exist")
     checkpoint = safe_load(pretrained_weights)
-    recorded = checkpoint.get("args", {}) if isinstance(checkpoint, dict) else {}
-    recorded = vars(recorded) if isinstance(recorded, argparse.Namespace) else dict(recorded)
+    recorded = recorded_args(checkpoint)
     shape = {"arch": arch or recorded.get("arch", "vit_small"),
              "patch_size": patch_size or recorded.get("patch_size", 16)}
     for key in ("embed_dim", "depth", "num_heads"):
@@ -50,7 +59,7 @@ def backbone_from_weights(pretrained_weights: str, arch: Optional[str] = None, p
             shape[key] = vit_kwargs.get(key) or recorded.get(key)
     if shape["arch"].startswith("vit"):
         extra = {k: v for k, v in shape.items() if k in ("embed_dim", "depth", "num_heads")}
-        img_size = recorded.get("global_crops_size", 224)
+        img_size = recorded.get("global_crops_size") or _trained_size(checkpoint, checkpoint_key, shape["patch_size"])
         backbone = build_backbone(shape["arch"], shape["patch_size"], img_size=img_size, **extra)
         shape["image_size"] = img_size
     else:
@@ -58,3 +67,38 @@ def backbone_from_weights(pretrained_weights: str, arch: Optional[str] = None, p
         shape["image_size"] = 224
     load_checkpoint_weights(backbone, checkpoint, checkpoint_key, pretrained_weights)
     return backbone, shape
+
+
+def _trained_size(checkpoint: Any, checkpoint_key: str, patch_size: int) -> int:
+    """A backbone-only ViT file records no args: its position embeddings tell the size it was trained at."""
+    state = extract_state_dict(checkpoint, checkpoint_key)
+    pos = state.get("pos_embed", state.get("backbone.pos_embed"))
+    return int(round(math.sqrt(pos.shape[1] - 1))) * patch_size if pos is not None else 224
+
+
+def save_features(folder: str | Path, split: str, features: torch.Tensor, labels: torch.Tensor, part: int = 0) -> Path:
+    """Write one part of a split's features; returns the file."""
+    out = Path(folder) / split
+    out.mkdir(parents=True, exist_ok=True)
+    values = features.float().numpy()
+    column = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1]) if len(values) else \
+        pa.array([], pa.list_(pa.float32()))
+    path = out / f"part-{part:05d}.parquet"
+    pq.write_table(pa.table({"label": pa.array(labels.numpy().astype(np.int64)), "feature": column}), path)
+    return path
+
+
+def load_features(folder: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read a split's parts back in order: ``(features [N, D], labels [N])``."""
+    parts = sorted((Path(folder) / split).glob("part-*.parquet"), key=lambda p: int(re.findall(r"\d+", p.name)[0]))
+    if not parts:
+        raise FileNotFoundError(f"no saved features in '{Path(folder) / split}' (expected part-NNNNN.parquet files)")
+    features, labels = [], []
+    for part in parts:
+        table = pq.read_table(part)
+        if table.num_rows == 0:
+            continue
+        labels.append(torch.from_numpy(table.column("label").to_numpy().astype(np.int64)))
+        flat = table.column("feature").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        features.append(torch.from_numpy(flat.astype(np.float32).reshape(table.num_rows, -1)))
+    return torch.cat(features), torch.cat(labels)

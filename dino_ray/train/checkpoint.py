@@ -17,6 +17,8 @@ import torch
 
 from dino_ray.models.hub import safe_load
 
+RUN_ID_FILE = "mlflow_run_id.txt"  # beside checkpoint.pth in a Ray-reported checkpoint: the MLflow run it belongs to
+
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""

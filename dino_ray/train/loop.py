@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import random
+import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,15 @@ from dino_ray.train.checkpoint import load_checkpoint, restore_training_state, s
 log = logging.getLogger(__name__)
 
 EpochCallback = Callable[[int, dict[str, Any], Path], None]
+StepCallback = Callable[[int, dict[str, float]], None]
+
+
+def memory_stats(device: torch.device) -> dict[str, float]:
+    """Peak host memory of this process (and peak CUDA memory on GPU), in MiB."""
+    stats = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
+    if device.type == "cuda":
+        stats["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return stats
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -140,9 +150,15 @@ def precision_context(cfg: DINOConfig, device: torch.device) -> tuple[Callable[[
 def train_one_epoch(student: nn.Module, teacher: nn.Module, student_ddp: nn.Module, dino_loss: DINOLoss,
                     loader: DataLoader, optimizer: torch.optim.Optimizer, schedules: Schedules, epoch: int,
                     cfg: DINOConfig, device: torch.device, autocast: Callable[[], Any],
-                    fp16_scaler: Optional[Any], show_progress: bool) -> dict[str, float]:
-    """One pass over the data; ``student`` is the bare model (for EMA and clipping), ``student_ddp`` the wrapped one."""
-    totals = {"loss": 0.0, "images": 0, "skipped_images": 0, "data_time": 0.0, "step_time": 0.0}
+                    fp16_scaler: Optional[Any], show_progress: bool,
+                    on_step: Optional[StepCallback] = None) -> dict[str, float]:
+    """One pass over the data; ``student`` is the bare model (for EMA and clipping), ``student_ddp`` the wrapped one.
+
+    ``on_step(global_iteration, metrics)`` is called every ``log_freq`` iterations (the reference's
+    MetricLogger cadence) with that iteration's loss, schedules, timings and memory.
+    """
+    totals = {"loss": 0.0, "images": 0, "skipped_images": 0, "data_time": 0.0, "step_time": 0.0,
+              "teacher_entropy": 0.0, "kl_teacher_student": 0.0}
     steps = 0
     bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", disable=not show_progress, leave=False)
     epoch_start = tick = time.perf_counter()
@@ -165,7 +181,7 @@ def train_one_epoch(student: nn.Module, teacher: nn.Module, student_ddp: nn.Modu
         loss_value = loss.item()
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"loss is {loss_value} at epoch {epoch}, iteration {i}: stopping; the last "
-                                     f"checkpoint in '{cfg.output_dir}' is left intact")
+                                     f"checkpoint is left intact")
 
         optimizer.zero_grad()
         if fp16_scaler is None:
@@ -185,19 +201,33 @@ def train_one_epoch(student: nn.Module, teacher: nn.Module, student_ddp: nn.Modu
 
         update_teacher(student, teacher, float(schedules.momentum[it]))
 
+        step_time = time.perf_counter() - tick - data_time
         steps += 1
+        entropy, kl = dino_loss.last_teacher_entropy.item(), dino_loss.last_kl.item()
+        totals["teacher_entropy"] += entropy
+        totals["kl_teacher_student"] += kl
         totals["loss"] += loss_value
         totals["images"] += len(images[0])
         totals["data_time"] += data_time
-        totals["step_time"] += time.perf_counter() - tick - data_time
-        if show_progress and (i % cfg.log_freq == 0 or i == len(loader) - 1):
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{schedules.lr[it]:.2e}")
+        totals["step_time"] += step_time
+        if i % cfg.log_freq == 0 or i == len(loader) - 1:
+            if show_progress:
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{schedules.lr[it]:.2e}")
+            if on_step is not None:
+                on_step(it, {"epoch": epoch + (i + 1) / len(loader), "loss": loss_value,
+                             "teacher_entropy": entropy, "kl_teacher_student": kl, "lr": float(schedules.lr[it]), "wd": float(schedules.wd[it]),
+                             "momentum_teacher": float(schedules.momentum[it]),
+                             "teacher_temp": float(dino_loss.teacher_temp_schedule[epoch]),
+                             "images_per_s": len(images[0]) / (step_time + data_time), "step_time": step_time,
+                             "data_time": data_time, **memory_stats(device)})
         tick = time.perf_counter()
     if steps == 0:
         raise ValueError(f"epoch {epoch}: no image of '{cfg.data_path}' could be decoded")
     last = len(loader) * (epoch + 1) - 1
     return {
         "loss": totals["loss"] / steps,
+        "teacher_entropy": totals["teacher_entropy"] / steps,  # collapse monitors (DINOLoss)
+        "kl_teacher_student": totals["kl_teacher_student"] / steps,
         "lr": float(schedules.lr[last]),
         "wd": float(schedules.wd[last]),
         "momentum_teacher": float(schedules.momentum[last]),
@@ -206,16 +236,20 @@ def train_one_epoch(student: nn.Module, teacher: nn.Module, student_ddp: nn.Modu
         "data_time": totals["data_time"] / steps,
         "step_time": totals["step_time"] / steps,
         "skipped_images": totals["skipped_images"],
+        **memory_stats(device),
     }
 
 
 def train_dino(cfg: DINOConfig, resume_from: Optional[str | Path] = None,
-               on_epoch_end: Optional[EpochCallback] = None, show_progress: bool = True) -> dict[str, Any]:
+               on_epoch_end: Optional[EpochCallback] = None, show_progress: bool = True,
+               on_step: Optional[StepCallback] = None, work_dir: Optional[str | Path] = None) -> dict[str, Any]:
     """Pretrain with DINO; returns the last epoch's stats. ``on_epoch_end(epoch, stats, checkpoint_path)``
-    runs on every rank after the checkpoint is written (a hook for launchers and trackers)."""
+    runs on every rank after the checkpoint is written (a hook for launchers and trackers); ``on_step``
+    on rank 0 every ``log_freq`` iterations (see ``train_one_epoch``). Files go to ``work_dir`` when
+    given (a launcher's scratch folder), else ``cfg.output_dir``; the checkpoint's ``args`` stay ``cfg``."""
     rank, world_size = rank_and_world()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    output_dir = Path(cfg.output_dir)
+    output_dir = Path(work_dir or cfg.output_dir)
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output_dir / "config.yaml")
@@ -259,7 +293,8 @@ def train_dino(cfg: DINOConfig, resume_from: Optional[str | Path] = None,
     for epoch in range(start_epoch, cfg.epochs):
         loader = build_loader(cfg, rank, world_size, epoch, dataset)
         stats = train_one_epoch(student, teacher_fwd, student_fwd, dino_loss, loader, optimizer, schedules, epoch, cfg,
-                                device, autocast, fp16_scaler, show_progress and rank == 0)
+                                device, autocast, fp16_scaler, show_progress and rank == 0,
+                                on_step if rank == 0 else None)
         latest = output_dir / "checkpoint.pth"
         if rank == 0:
             state = {

@@ -22,16 +22,17 @@ import numpy as np
 import ray
 import ray.train
 import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import (Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, ValidationConfig,
+                       ValidationTaskConfig)
 from ray.train.torch import TorchTrainer
 
 from dino_ray.config import DINOConfig, build_config
-from dino_ray.train.checkpoint import load_checkpoint, strip_module_prefix
+from dino_ray.eval.monitor import knn_monitor
+from dino_ray.train.checkpoint import RUN_ID_FILE, load_checkpoint, strip_module_prefix
 from dino_ray.train.loop import build_student_teacher, train_dino
 
 log = logging.getLogger(__name__)
 
-RUN_ID_FILE = "mlflow_run_id.txt"
 RESTORED_FILES = ("checkpoint.pth", "log.txt", RUN_ID_FILE)
 
 
@@ -69,10 +70,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     _restore(local_dir, loop_config.get("resume_from"), loop_config.get("mlflow_run_id"))
     tracker = None
     if rank == 0:
-        from dino_ray.tracking import RunTracker  # rank 0 alone talks to MLflow
+        from dino_ray.tracking import pretraining_tracker  # rank 0 alone talks to MLflow
 
         run_id_file = local_dir / RUN_ID_FILE
-        tracker = RunTracker(cfg, run_id_file.read_text().strip() if run_id_file.exists() else None,
+        tracker = pretraining_tracker(cfg, run_id_file.read_text().strip() if run_id_file.exists() else None,
                              tags={"ray_job_id": loop_config.get("job_id") or "none",
                                    "num_workers": str(context.get_world_size())})
         if tracker.run_id:
@@ -89,17 +90,26 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             for name in (*RESTORED_FILES, "config.yaml"):
                 if (local_dir / name).exists():
                     shutil.copy(local_dir / name, Path(folder) / name)
+            monitor = bool(cfg.eval.knn_every) and ((epoch + 1) % cfg.eval.knn_every == 0 or epoch + 1 == cfg.epochs)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder),
-                             checkpoint_dir_name=f"checkpoint_epoch{epoch:04d}")
+                             checkpoint_dir_name=f"checkpoint_epoch{epoch:04d}",
+                             validation=ValidationTaskConfig(fn_kwargs={"epoch": epoch}) if monitor else False)
         tracker.log_artifact(local_dir / "log.txt")
         if kept:
             tracker.log_artifact(local_dir / f"checkpoint{epoch:04}.pth", "checkpoints")
 
-    local_cfg = dataclasses.replace(cfg, output_dir=str(local_dir))
+    def log_step(iteration: int, metrics: dict[str, float]) -> None:
+        """Progress lines for the job's logs (a bar does not survive Ray's log pipe), and iter/* metrics."""
+        log.info("epoch %.2f/%d  iteration %d  loss %.4f  lr %.2e  %.0f images/s  peak RSS %.0f MiB",
+                 metrics["epoch"], cfg.epochs, iteration, metrics["loss"], metrics["lr"], metrics["images_per_s"],
+                 metrics["peak_rss_mb"])
+        tracker.log_metrics({f"iter/{k}": v for k, v in metrics.items()}, step=iteration)
+
     try:
-        train_dino(local_cfg, on_epoch_end=report, show_progress=rank == 0)
+        train_dino(cfg, on_epoch_end=report, show_progress=False, on_step=log_step if tracker is not None else None,
+                   work_dir=local_dir)
         if tracker is not None:
-            log_final_artifacts(tracker, local_cfg)
+            log_final_artifacts(tracker, cfg, local_dir)
             tracker.finish()
     except BaseException:
         if tracker is not None:
@@ -109,9 +119,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         shutil.rmtree(local_dir, ignore_errors=True)  # everything worth keeping was reported to the storage
 
 
-def log_final_artifacts(tracker: Any, cfg: DINOConfig) -> None:
+def log_final_artifacts(tracker: Any, cfg: DINOConfig, folder: Path) -> None:
     """The config, the full checkpoint, the teacher backbone alone (the released files' layout) and as an MLflow model."""
-    folder = Path(cfg.output_dir)
     _, teacher = build_student_teacher(cfg)
     teacher.load_state_dict(strip_module_prefix(load_checkpoint(folder / "checkpoint.pth")["teacher"]))
     backbone = teacher.backbone.eval()
@@ -125,17 +134,9 @@ def log_final_artifacts(tracker: Any, cfg: DINOConfig) -> None:
 
 def checkpoint_from_mlflow(cfg: DINOConfig, run_id: str) -> str:
     """Download the latest checkpoint a pretraining logged to MLflow run ``run_id``; returns its local path."""
-    from mlflow.tracking import MlflowClient
+    from dino_ray.tracking import download_checkpoint, tracking_uri
 
-    from dino_ray.tracking import tracking_uri
-
-    target = Path(cfg.output_dir).resolve() / "resume" / run_id
-    target.mkdir(parents=True, exist_ok=True)
-    try:
-        return MlflowClient(tracking_uri(cfg)).download_artifacts(run_id, "checkpoints/checkpoint.pth", str(target))
-    except Exception as exc:  # noqa: BLE001 - MLflow raises several types for a missing run or artifact
-        raise FileNotFoundError(f"--resume-from '{run_id}' is neither a checkpoint file nor an MLflow run with a "
-                                f"checkpoints/checkpoint.pth artifact at {tracking_uri(cfg)}: {exc}") from exc
+    return download_checkpoint(tracking_uri(cfg), run_id, Path(cfg.output_dir).resolve() / "resume" / run_id)
 
 
 def build_trainer(cfg: DINOConfig, resume_from: Optional[str] = None, job_id: Optional[str] = None,
@@ -146,12 +147,18 @@ def build_trainer(cfg: DINOConfig, resume_from: Optional[str] = None, job_id: Op
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     storage_path = cfg.run.storage_path or str(Path(cfg.output_dir).resolve() / "ray_results")
     kept = math.ceil(cfg.epochs / cfg.saveckp_freq) if cfg.saveckp_freq else 1
+    validation = None
+    if cfg.eval.knn_every:  # the k-NN monitor: Ray runs it in its own task for each flagged checkpoint
+        validation = ValidationConfig(knn_monitor, ValidationTaskConfig(fn_kwargs={"config": cfg.to_dict()}),
+                                      ray_remote_kwargs={"num_cpus": cfg.eval.num_cpus})
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "resume_from": resume_from, "job_id": job_id,
                            "mlflow_run_id": mlflow_run_id},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=cfg.scaling.resources_per_worker),
+                                     resources_per_worker=cfg.scaling.resources_per_worker,
+                                     placement_strategy=cfg.scaling.placement_strategy),
+        validation_config=validation,
         run_config=RunConfig(
             name=cfg.run.name or Path(cfg.output_dir).name,
             storage_path=storage_path,
@@ -163,12 +170,23 @@ def build_trainer(cfg: DINOConfig, resume_from: Optional[str] = None, job_id: Op
     )
 
 
+def absolute_data_paths(cfg: DINOConfig) -> DINOConfig:
+    """Ray's worker processes do not start in this folder: give them local paths as this process sees them."""
+    def resolve(path: Optional[str]) -> Optional[str]:
+        return str(Path(path).resolve()) if path and "://" not in path and Path(path).exists() else path
+
+    evals = dataclasses.replace(cfg.eval, knn_train_data=resolve(cfg.eval.knn_train_data),
+                                knn_val_data=resolve(cfg.eval.knn_val_data))
+    return dataclasses.replace(cfg, data_path=resolve(cfg.data_path), eval=evals)
+
+
 def pretrain_on_ray(cfg: DINOConfig, resume_from: Optional[str] = None) -> ray.train.Result:
     """Run (or resume) a pretraining on the Ray cluster this process is connected to (a local one if none).
 
     ``resume_from``: a ``checkpoint.pth`` path, or the id of an MLflow run whose checkpoint to continue
     from (that MLflow run then continues too).
     """
+    cfg = absolute_data_paths(cfg)
     mlflow_run_id = None
     if resume_from and not Path(resume_from).is_file():
         mlflow_run_id = resume_from

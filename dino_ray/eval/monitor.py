@@ -1,0 +1,78 @@
+"""The k-NN monitor of a running pretraining: Ray Train's asynchronous validation function.
+
+Every ``eval.knn_every``-th checkpoint that rank 0 reports is handed to ``knn_monitor`` in its own
+Ray task (``ValidationConfig``), so the training workers never wait for it. It loads the teacher
+backbone from the checkpoint, runs the weighted k-NN on a small labelled subset, draws the
+attention maps of a few fixed held-out images, and logs both to the pretraining's MLflow run at
+the checkpoint's epoch. Its metrics are also attached to the checkpoint by Ray.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dino_ray.config import build_config
+from dino_ray.data.augment import eval_transform
+from dino_ray.data.datasets import ParquetImageDataset, build_dataset
+from dino_ray.eval.attention import save_attention
+from dino_ray.eval.knn import evaluate_knn
+from dino_ray.models.hub import load_pretrained_weights
+from dino_ray.train.checkpoint import RUN_ID_FILE
+from dino_ray.train.loop import build_student_teacher
+
+log = logging.getLogger(__name__)
+
+
+def first_images(data_path: str, folder: Path, count: int) -> list[Path]:
+    """The first ``count`` images of a dataset as PNG files (fixed inputs for attention figures)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    dataset = build_dataset(data_path, max_images=count)
+    paths = []
+    for i in range(len(dataset)):
+        if isinstance(dataset, ParquetImageDataset):
+            path = folder / f"img{i:02d}.png"
+            dataset[i][0].save(path)
+        else:
+            path = Path(dataset.samples[i][0])
+        paths.append(path)
+    return paths
+
+
+def knn_monitor(checkpoint: Any, config: dict[str, Any], epoch: int) -> dict[str, float]:
+    """k-NN top-1/top-5 (and attention figures) of the teacher in a reported ``ray.train.Checkpoint``."""
+    from dino_ray.tracking import log_to_run, tracking_uri
+
+    cfg = build_config(config)
+    torch.set_num_threads(max(1, int(cfg.eval.num_cpus)))
+    _, teacher = build_student_teacher(cfg)
+    with checkpoint.as_directory() as folder:
+        load_pretrained_weights(teacher.backbone, Path(folder) / "checkpoint.pth", "teacher")
+        run_file = Path(folder) / RUN_ID_FILE
+        run_id = run_file.read_text().strip() if run_file.exists() else None
+    backbone = teacher.backbone.eval()
+    transform = eval_transform(cfg.global_crops_size, cfg.global_crops_size)
+    train = build_dataset(cfg.eval.knn_train_data or cfg.data_path, transform, cfg.eval.knn_train_images)
+    val = build_dataset(cfg.eval.knn_val_data, transform, cfg.eval.knn_val_images)
+    k = cfg.eval.knn_k
+    top1, top5 = evaluate_knn(backbone, train, val, [k], cfg.eval.knn_temperature, batch_size=256,
+                              progress=False)[k]
+    metrics = {f"knn_top1_k{k}": top1, f"knn_top5_k{k}": top5}
+    log.info("k-NN monitor, epoch %d: top-1 %.2f, top-5 %.2f (k=%d, %d train / %d val images)", epoch, top1, top5,
+             k, len(train), len(val))
+    if run_id is None:
+        return metrics
+    with tempfile.TemporaryDirectory() as scratch:
+        figures = []
+        if cfg.eval.attention_images:
+            inputs = first_images(cfg.eval.knn_val_data, Path(scratch) / "inputs", cfg.eval.attention_images)
+            for i, image in enumerate(inputs):
+                files = save_attention(backbone, image, Path(scratch) / f"img{i:02d}", cfg.patch_size,
+                                       image_size=4 * cfg.global_crops_size, threshold=0.6)
+                figures.append((files[-1].rename(files[-1].with_name(f"img{i:02d}.png")),
+                                f"attention/epoch{epoch:04d}"))
+        log_to_run(tracking_uri(cfg), run_id, metrics, step=epoch, artifacts=tuple(figures))
+    return metrics

@@ -1,0 +1,103 @@
+"""Evaluation jobs on real Ray with real MLflow: k-NN features in Ray tasks, the linear probe as a Ray Train job,
+attention maps; each an MLflow run nested under the pretraining it evaluates."""
+import json
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from dino_ray.config import build_config  # noqa: E402
+from dino_ray.data.augment import eval_transform  # noqa: E402
+from dino_ray.data.datasets import build_dataset  # noqa: E402
+from dino_ray.eval.features import backbone_from_weights, extract_features  # noqa: E402
+from dino_ray.eval.jobs import attention_job, knn_job, linear_job  # noqa: E402
+from dino_ray.eval.linear import LinearArgs  # noqa: E402
+from dino_ray.eval.ray_features import extract_features_on_ray  # noqa: E402
+from dino_ray.tracking import tracking_uri  # noqa: E402
+from dino_ray.train.ray_trainer import pretrain_on_ray  # noqa: E402
+
+from .conftest import SAMPLE, TINY  # noqa: E402
+
+VAL = str(SAMPLE / "val.parquet")
+
+
+@pytest.fixture(scope="module")
+def pretraining(tmp_path_factory):
+    """One real 2-epoch pretraining on Ray, tracked in its embedded MLflow store."""
+    ray.init(num_cpus=2, log_to_driver=False)
+    out = tmp_path_factory.mktemp("pretraining")
+    cfg = build_config(dict(TINY, epochs=2, data_path=str(SAMPLE / "train.parquet"), max_images=256,
+                            output_dir=str(out)))
+    result = pretrain_on_ray(cfg)
+    client = MlflowClient(tracking_uri(cfg))
+    (run,) = client.search_runs([client.get_experiment_by_name("dino-ray").experiment_id])
+    yield {"cfg": cfg, "checkpoint": f"{result.checkpoint.path}/checkpoint.pth", "run": run, "client": client,
+           "uri": tracking_uri(cfg)}
+    ray.shutdown()
+
+
+def children(pretraining, name):
+    client, run = pretraining["client"], pretraining["run"]
+    return [r for r in client.search_runs([run.info.experiment_id],
+                                          filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+            if r.info.run_name == name]
+
+
+def test_features_from_ray_tasks_equal_one_process(pretraining, tmp_path):
+    spec = {"pretrained_weights": pretraining["checkpoint"], "checkpoint_key": "teacher"}
+    spread = extract_features_on_ray(spec, VAL, "val", tmp_path / "features", 16, max_images=100, num_shards=3)
+    backbone, _ = backbone_from_weights(**spec)
+    single = extract_features(backbone, build_dataset(VAL, eval_transform(16), 100), progress=False)
+    assert spread[0].shape == (100, 32) and torch.equal(spread[1], single[1])
+    assert torch.allclose(spread[0], single[0], atol=1e-5)
+    assert len(list((tmp_path / "features" / "val").glob("part-*.parquet"))) == 3
+
+
+def test_knn_from_an_mlflow_run_id_is_nested_under_it(pretraining, tmp_path):
+    run = pretraining["run"]
+    record = knn_job(run.info.run_id, str(SAMPLE / "train.parquet"), VAL, str(tmp_path / "knn"), [5, 20],
+                     max_train_images=400, max_val_images=200, tracking_uri=pretraining["uri"], num_shards=2)
+    assert record["checkpoint_epoch"] == 2 and record["pretraining_run"] == run.info.run_id
+    assert set(record["results"]) == {"5", "20"} and 0 < record["results"]["20"]["top5"] <= 100
+    (knn_run,) = children(pretraining, "knn")
+    assert knn_run.data.metrics["top1_k20"] == pytest.approx(record["results"]["20"]["top1"])
+    assert knn_run.data.tags["dino_ray.checkpoint_epoch"] == "2"
+    parent = pretraining["client"].get_run(run.info.run_id)  # side by side with the pretraining's own metrics
+    assert parent.data.metrics["knn_top1_k20"] == pytest.approx(record["results"]["20"]["top1"])
+
+
+def test_linear_probe_on_ray_train_resumes_and_links_to_the_pretraining(pretraining, tmp_path):
+    # a checkpoint file from the Ray storage: its MLflow run id and store are found beside it / in its args
+    args = LinearArgs(pretrained_weights=pretraining["checkpoint"], n_last_blocks=1, avgpool_patchtokens=True,
+                      epochs=2, lr=0.5, batch_size_per_gpu=32, num_workers=0, num_labels=10,
+                      train_data_path=str(SAMPLE / "train.parquet"), val_data_path=VAL, max_train_images=256,
+                      max_val_images=128, crop_size=16, resize_size=16, output_dir=str(tmp_path / "linear"))
+    linear_job(args)
+    stats = linear_job(LinearArgs(**{**args.__dict__, "epochs": 3}))  # the stopped job, resumed with more epochs
+    assert [json.loads(line)["epoch"] for line in open(tmp_path / "linear" / "log.txt")] == [0, 1, 2]
+    assert (tmp_path / "linear" / "linear_head.pth").exists() and stats["best_acc1"] > 0
+    (linear_run,) = children(pretraining, "linear")  # one run across the restart
+    client = pretraining["client"]
+    assert [m.step for m in client.get_metric_history(linear_run.info.run_id, "val_acc1")] == [0, 1, 2]
+    assert [a.path for a in client.list_artifacts(linear_run.info.run_id, "linear_head")] == \
+        ["linear_head/checkpoint.pth"]
+    parent = client.get_run(pretraining["run"].info.run_id)
+    assert parent.data.metrics["linear_top1"] == pytest.approx(stats["best_acc1"])
+
+
+def test_attention_maps_of_an_official_layout_backbone_file(pretraining, tmp_path):
+    # the released layout: the teacher backbone alone, no prefix, no args
+    backbone, _ = backbone_from_weights(pretraining["checkpoint"])
+    torch.save(backbone.state_dict(), tmp_path / "dino_backbone.pth")
+    build_dataset(VAL, max_images=1)[0][0].save(tmp_path / "cat.png")
+    files = attention_job(str(tmp_path / "dino_backbone.pth"), [str(tmp_path / "cat.png")], str(tmp_path / "att"),
+                          arch="vit_tiny", patch_size=4, vit_shape={"embed_dim": 32, "depth": 1, "num_heads": 2},
+                          image_size=32, threshold=0.6, tracking_uri=pretraining["uri"])
+    assert {f.name for f in files} >= {"attention.png", "attn-head0.png", "attn-head1.png", "mask-th0.6-head1.png"}
+    client = pretraining["client"]
+    (run,) = [r for r in client.search_runs([pretraining["run"].info.experiment_id]) if r.info.run_name == "attention"]
+    assert "mlflow.parentRunId" not in run.data.tags  # a file with no pretraining run: a top-level eval run
+    assert "attention/cat/attention.png" in {a.path for a in client.list_artifacts(run.info.run_id, "attention/cat")}
