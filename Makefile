@@ -24,10 +24,12 @@ quickstart: venv
 	$(BIN)/python -m dino_ray.quickstart --train_data $(TRAIN_DATA) --val_data $(VAL_DATA) --output_dir $(QUICK)
 
 test: venv
-	$(BIN)/python -m pytest -x -q --timeout=900 tests
+	$(BIN)/python -m pytest -x -q --timeout=900 --durations=12 tests
 
 benchmark: venv
 	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/ray_overhead.py
+	$(BIN)/python benchmarks/knn.py
 
 clean:
 	rm -rf $(QUICK) .pytest_cache
