@@ -59,7 +59,8 @@ def main() -> None:
                                        lr=args.lr, batch_size_per_gpu=128, num_workers=1, num_labels=10,
                                        train_data_path=train, val_data_path=val,
                                        max_train_images=args.max_train_images, max_val_images=args.max_val_images,
-                                       crop_size=32, resize_size=32, output_dir=str(work / name / "linear")))
+                                       crop_size=32, resize_size=32, output_dir=str(work / name / "linear")),
+                            show_progress=False)
         results["models"][name] = {"knn": knn["results"], "linear_top1": linear["best_acc1"],
                                    "linear_last_top1": linear["val_acc1"], "minutes": round((time.time() - start) / 60, 2)}
         print(f"{name}: k-NN top-1 (k=20) {knn['results']['20']['top1']:.2f}, linear top-1 {linear['best_acc1']:.2f}")

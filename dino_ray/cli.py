@@ -28,6 +28,22 @@ def _pretrain(args: argparse.Namespace) -> None:
     log.info("done: %s; checkpoints in %s", json.dumps(result.metrics), result.path)
 
 
+def _sweep(args: argparse.Namespace) -> None:
+    from dino_ray.sweep import format_table, load_sweep, resume_sweep, run_sweep
+
+    if args.resume:
+        spec, rows = resume_sweep(args.resume, args.storage_path or "outputs/sweeps")
+    else:
+        if not args.spec:
+            raise ValueError("give a sweep file (experiments/sweeps/*.yaml) or --resume NAME")
+        spec = load_sweep(args.spec, args.overrides)
+        spec.storage_path = args.storage_path or spec.storage_path
+        rows = run_sweep(spec)
+    print(format_table(spec, rows))
+    best = rows[0]
+    print(f"best: {best['trial']} ({spec.metric} {best[spec.metric]:.2f}); checkpoint: {best['checkpoint']}")
+
+
 def _vit_shape(args: argparse.Namespace) -> dict[str, int]:
     return {k: getattr(args, k) for k in ("embed_dim", "depth", "num_heads") if getattr(args, k)}
 
@@ -103,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=1e-3 epochs=10")
     p.set_defaults(func=_pretrain)
 
+    p = sub.add_parser("sweep", help="Ray Tune sweep of config keys, ranked by the k-NN monitor")
+    p.add_argument("spec", nargs="?", help="sweep file, e.g. experiments/sweeps/cifar10_cpu.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the base config, e.g. epochs=2")
+    p.add_argument("--resume", default=None, metavar="NAME", help="continue the interrupted sweep NAME")
+    p.add_argument("--storage_path", default=None, help="where sweeps live (default: the file's, else outputs/sweeps)")
+    p.set_defaults(func=_sweep)
+
     p = sub.add_parser("eval-knn", help="weighted k-NN evaluation (eval_knn.py) of frozen features")
     _weights_flags(p)
     _data_flags(p, 128)
@@ -131,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resize_size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--evaluate", action="store_true", help="only evaluate a saved head (--head_weights, default "
-                   "output_dir/checkpoint.pth)")
+                   "output_dir/linear_head.pth)")
     p.add_argument("--head_weights", default=None)
     p.add_argument("--ray_workers", type=int, default=1, help="Ray Train workers")
     p.add_argument("--max_failures", type=int, default=0)
@@ -154,7 +177,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, FloatingPointError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as exc:
         log.error("%s", exc)
         return 2
     return 0

@@ -50,6 +50,7 @@ class TrackingSection:
     """MLflow: where runs are recorded."""
     tracking_uri: Optional[str] = None  # default: $MLFLOW_TRACKING_URI, else SQLite under output_dir
     experiment_name: str = "dino-ray"
+    parent_run_id: Optional[str] = None  # nest the run under this one (a sweep's parent run)
 
 
 @dataclass
@@ -65,6 +66,7 @@ class EvalSection:
     knn_temperature: float = 0.07
     attention_images: int = 2  # the first images of knn_val_data, 0: no attention figures
     num_cpus: float = 1.0  # Ray resources of one monitor task
+    knn_sync: bool = False  # run the monitor on rank 0 inside the epoch's report (sweeps: Tune sees its metric)
 
 
 SECTIONS = {"scaling": ScalingSection, "run": RunSection, "failure": FailureSection, "tracking": TrackingSection,

@@ -54,6 +54,9 @@ def ui_command(uri: str) -> str:
 def pretraining_tracker(cfg: DINOConfig, run_id: Optional[str] = None,
                         tags: Optional[dict[str, str]] = None) -> "RunTracker":
     """The MLflow run of a pretraining: the resolved config as params (sections dotted, ``scaling.num_workers``)."""
+    tags = dict(tags or {})
+    if cfg.tracking.parent_run_id:
+        tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
     return RunTracker(tracking_uri(cfg), cfg.tracking.experiment_name, cfg.run.name or Path(cfg.output_dir).name,
                       flatten(cfg.to_dict()), run_id, tags, embedded_artifacts(cfg))
 

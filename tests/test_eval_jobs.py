@@ -86,6 +86,8 @@ def test_linear_probe_on_ray_train_resumes_and_links_to_the_pretraining(pretrain
         ["linear_head/checkpoint.pth"]
     parent = client.get_run(pretraining["run"].info.run_id)
     assert parent.data.metrics["linear_top1"] == pytest.approx(stats["best_acc1"])
+    evaluated = linear_job(LinearArgs(**{**args.__dict__, "evaluate": True}))  # the saved head, evaluated again
+    assert evaluated["acc1"] == pytest.approx(stats["val_acc1"])
 
 
 def test_attention_maps_of_an_official_layout_backbone_file(pretraining, tmp_path):

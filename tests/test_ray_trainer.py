@@ -25,8 +25,6 @@ from dino_ray import build_backbone, load_pretrained_weights  # noqa: E402
 from dino_ray.tracking import tracking_uri  # noqa: E402
 from dino_ray.train.ray_trainer import pretrain_on_ray  # noqa: E402
 
-from .conftest import SAMPLE  # noqa: E402
-
 
 @pytest.fixture(scope="module")
 def local_ray():
@@ -49,10 +47,7 @@ def epoch_losses(result_path):
 
 def test_two_workers_train_resume_and_track_one_mlflow_run(local_ray, tiny_cfg, tmp_path, monkeypatch):
     one = tiny_cfg(epochs=2, batch_size_per_gpu=16, output_dir=str(tmp_path / "one"))
-    # with the k-NN monitor on: Ray's asynchronous validation task evaluates each checkpoint beside the workers
-    two = tiny_cfg(epochs=2, batch_size_per_gpu=8, scaling={"num_workers": 2}, output_dir=str(tmp_path / "two"),
-                   eval={"knn_every": 1, "knn_val_data": str(SAMPLE / "val.parquet"), "knn_train_images": 128,
-                         "knn_val_images": 64, "attention_images": 1, "num_cpus": 0.5})
+    two = tiny_cfg(epochs=2, batch_size_per_gpu=8, scaling={"num_workers": 2}, output_dir=str(tmp_path / "two"))
     result_one = pretrain_on_ray(one)
     result_two = pretrain_on_ray(two)
     b_dir = tmp_path / "two_checkpoint"
@@ -72,13 +67,10 @@ def test_two_workers_train_resume_and_track_one_mlflow_run(local_ray, tiny_cfg, 
     assert run.data.params["scaling.num_workers"] == "2" and run.data.params["lr"] == str(two.lr)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [0, 1]
     assert {"teacher_entropy", "kl_teacher_student", "peak_rss_mb", "iter/loss"} <= set(run.data.metrics)
-    monitor = client.get_metric_history(run.info.run_id, "knn_top1_k20")
-    assert sorted(m.step for m in monitor) == [0, 1] and all(0 <= m.value <= 100 for m in monitor)
+    assert len(client.get_metric_history(run.info.run_id, "iter/loss")) == 2 * 2  # 8 iterations, log_freq 10
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)} | \
-        {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")} | \
-        {a.path for a in client.list_artifacts(run.info.run_id, "attention/epoch0001")}
-    assert {"log.txt", "config.yaml", "checkpoints/checkpoint.pth", "checkpoints/teacher_backbone.pth",
-            "attention/epoch0001/img00.png"} <= artifacts
+        {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+    assert {"log.txt", "config.yaml", "checkpoints/checkpoint.pth", "checkpoints/teacher_backbone.pth"} <= artifacts
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri(two))  # scoped to this test, unlike set_tracking_uri
     model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/teacher_backbone")
     backbone = build_backbone("vit_tiny", 4, img_size=16, embed_dim=32, depth=1, num_heads=2)

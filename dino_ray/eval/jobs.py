@@ -158,9 +158,9 @@ def _linear_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker: ``run_linear`` with checkpoints through ``ray.train.report``; rank 0 tracks."""
     import ray.train
 
-    from dino_ray.train.ray_trainer import _log_to_stderr
+    from dino_ray.logs import log_to_stderr
 
-    _log_to_stderr()
+    log_to_stderr()
     args = LinearArgs(**config["args"])
     rank = ray.train.get_context().get_world_rank()
     local = Path(tempfile.mkdtemp(prefix=f"dino_ray_linear{rank}_"))
@@ -225,8 +225,12 @@ def linear_job(args: LinearArgs, use_ray: bool = True, ray_workers: int = 1, tra
                          "arch": args.arch or weights.arch, "patch_size": args.patch_size or weights.patch_size,
                          "output_dir": str(out)})
     uri = eval_tracking_uri(tracking_uri, weights, out)
+    if args.evaluate and not args.head_weights:
+        args.head_weights = str(out / "linear_head.pth")  # what a finished eval-linear here left
     if args.evaluate or not use_ray:
         stats = run_linear(args)
+        if not args.evaluate:
+            shutil.copy(out / "checkpoint.pth", out / "linear_head.pth")
         _track("linear-evaluate" if args.evaluate else "linear", asdict(args),
                {k: v for k, v in stats.items() if isinstance(v, float)},
                {"linear_top1": stats["best_acc1"]}, weights, uri, [])

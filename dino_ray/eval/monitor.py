@@ -13,13 +13,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from dino_ray.config import build_config
 from dino_ray.data.augment import eval_transform
 from dino_ray.data.datasets import ParquetImageDataset, build_dataset
 from dino_ray.eval.attention import save_attention
 from dino_ray.eval.knn import evaluate_knn
+from dino_ray.logs import log_to_stderr
 from dino_ray.models.hub import load_pretrained_weights
 from dino_ray.train.checkpoint import RUN_ID_FILE
 from dino_ray.train.loop import build_student_teacher
@@ -46,8 +45,8 @@ def knn_monitor(checkpoint: Any, config: dict[str, Any], epoch: int) -> dict[str
     """k-NN top-1/top-5 (and attention figures) of the teacher in a reported ``ray.train.Checkpoint``."""
     from dino_ray.tracking import log_to_run, tracking_uri
 
+    log_to_stderr()
     cfg = build_config(config)
-    torch.set_num_threads(max(1, int(cfg.eval.num_cpus)))
     _, teacher = build_student_teacher(cfg)
     with checkpoint.as_directory() as folder:
         load_pretrained_weights(teacher.backbone, Path(folder) / "checkpoint.pth", "teacher")

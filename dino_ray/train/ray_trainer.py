@@ -28,6 +28,7 @@ from ray.train.torch import TorchTrainer
 
 from dino_ray.config import DINOConfig, build_config
 from dino_ray.eval.monitor import knn_monitor
+from dino_ray.logs import log_to_stderr
 from dino_ray.train.checkpoint import RUN_ID_FILE, load_checkpoint, strip_module_prefix
 from dino_ray.train.loop import build_student_teacher, train_dino
 
@@ -50,19 +51,8 @@ def _restore(local_dir: Path, resume_from: Optional[str], mlflow_run_id: Optiona
             (local_dir / RUN_ID_FILE).write_text(mlflow_run_id)
 
 
-def _log_to_stderr() -> None:
-    """Worker processes start with bare logging: show dino_ray's INFO lines (they reach the job's logs)."""
-    logger = logging.getLogger("dino_ray")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
-
-
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    _log_to_stderr()
+    log_to_stderr()
     cfg = build_config(loop_config["config"])
     context = ray.train.get_context()
     rank = context.get_world_rank()
@@ -91,9 +81,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 if (local_dir / name).exists():
                     shutil.copy(local_dir / name, Path(folder) / name)
             monitor = bool(cfg.eval.knn_every) and ((epoch + 1) % cfg.eval.knn_every == 0 or epoch + 1 == cfg.epochs)
+            if monitor and cfg.eval.knn_sync:  # in this report, so Tune's schedulers see the metric
+                metrics.update(knn_monitor(Checkpoint.from_directory(folder), cfg.to_dict(), epoch))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder),
                              checkpoint_dir_name=f"checkpoint_epoch{epoch:04d}",
-                             validation=ValidationTaskConfig(fn_kwargs={"epoch": epoch}) if monitor else False)
+                             validation=ValidationTaskConfig(fn_kwargs={"epoch": epoch})
+                             if monitor and not cfg.eval.knn_sync else False)
         tracker.log_artifact(local_dir / "log.txt")
         if kept:
             tracker.log_artifact(local_dir / f"checkpoint{epoch:04}.pth", "checkpoints")
@@ -140,7 +133,7 @@ def checkpoint_from_mlflow(cfg: DINOConfig, run_id: str) -> str:
 
 
 def build_trainer(cfg: DINOConfig, resume_from: Optional[str] = None, job_id: Optional[str] = None,
-                  mlflow_run_id: Optional[str] = None) -> TorchTrainer:
+                  mlflow_run_id: Optional[str] = None, callbacks: Optional[list] = None) -> TorchTrainer:
     """A TorchTrainer for ``cfg``: scaling, storage, failure and checkpoint-keeping from the config's sections."""
     use_gpu = cfg.scaling.use_gpu
     if use_gpu is None:
@@ -148,7 +141,7 @@ def build_trainer(cfg: DINOConfig, resume_from: Optional[str] = None, job_id: Op
     storage_path = cfg.run.storage_path or str(Path(cfg.output_dir).resolve() / "ray_results")
     kept = math.ceil(cfg.epochs / cfg.saveckp_freq) if cfg.saveckp_freq else 1
     validation = None
-    if cfg.eval.knn_every:  # the k-NN monitor: Ray runs it in its own task for each flagged checkpoint
+    if cfg.eval.knn_every and not cfg.eval.knn_sync:  # the k-NN monitor: Ray runs it in its own task for each flagged checkpoint
         validation = ValidationConfig(knn_monitor, ValidationTaskConfig(fn_kwargs={"config": cfg.to_dict()}),
                                       ray_remote_kwargs={"num_cpus": cfg.eval.num_cpus})
     return TorchTrainer(
@@ -166,6 +159,7 @@ def build_trainer(cfg: DINOConfig, resume_from: Optional[str] = None, job_id: Op
             # Ray always keeps the latest checkpoint; the score keeps every saveckp_freq-th as well.
             checkpoint_config=CheckpointConfig(num_to_keep=kept, checkpoint_score_attribute="kept_epoch",
                                                checkpoint_score_order="max"),
+            callbacks=callbacks,
         ),
     )
 
