@@ -62,7 +62,8 @@ def main() -> None:
                                        crop_size=32, resize_size=32, output_dir=str(work / name / "linear")),
                             show_progress=False)
         results["models"][name] = {"knn": knn["results"], "linear_top1": linear["best_acc1"],
-                                   "linear_last_top1": linear["val_acc1"], "minutes": round((time.time() - start) / 60, 2)}
+                                   "linear_last_top1": linear["val_acc1"],
+                                   "minutes": round((time.time() - start) / 60, 2)}
         print(f"{name}: k-NN top-1 (k=20) {knn['results']['20']['top1']:.2f}, linear top-1 {linear['best_acc1']:.2f}")
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"saved {args.out}")

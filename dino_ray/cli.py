@@ -40,6 +40,9 @@ def _sweep(args: argparse.Namespace) -> None:
         spec.storage_path = args.storage_path or spec.storage_path
         rows = run_sweep(spec)
     print(format_table(spec, rows))
+    if all(row["status"] == "ERROR" for row in rows):
+        raise ValueError(f"every trial of sweep '{spec.name}' failed: see the errors above and "
+                         f"{spec.storage_path}/{spec.name}/tune")
     best = rows[0]
     print(f"best: {best['trial']} ({spec.metric} {best[spec.metric]:.2f}); checkpoint: {best['checkpoint']}")
 

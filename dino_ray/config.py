@@ -51,6 +51,7 @@ class TrackingSection:
     tracking_uri: Optional[str] = None  # default: $MLFLOW_TRACKING_URI, else SQLite under output_dir
     experiment_name: str = "dino-ray"
     parent_run_id: Optional[str] = None  # nest the run under this one (a sweep's parent run)
+    log_model: bool = True  # the teacher backbone as an MLflow model at the end (a few seconds)
 
 
 @dataclass

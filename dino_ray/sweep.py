@@ -90,6 +90,7 @@ def load_sweep(path: str | Path, overrides: Optional[list[str]] = None) -> Sweep
                 build_config({**flatten(cfg.to_dict()), key: value})
             except ConfigError as exc:
                 raise ConfigError(f"sweep file '{path}', search_space.{key} = {value!r}: {exc}") from exc
+    cfg = absolute_data_paths(cfg)  # trials run in Tune's trial folders: paths as this process sees them
     spec = SweepSpec(name=raw.get("name", path.stem), base=flatten(cfg.to_dict()), search_space=space,
                      **{k: raw[k] for k in ("num_samples", "metric", "mode", "scheduler", "max_concurrent_trials",
                                             "trial_cpus", "storage_path") if k in raw})

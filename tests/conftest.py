@@ -17,7 +17,8 @@ torch.set_num_threads(2)
 
 TINY = dict(arch="vit_tiny", patch_size=4, embed_dim=32, depth=1, num_heads=2, out_dim=64, head_hidden_dim=64,
             head_bottleneck_dim=32, global_crops_size=16, local_crops_size=8, local_crops_number=2,
-            batch_size_per_gpu=16, epochs=3, warmup_epochs=1, num_workers=0, drop_path_rate=0.0, saveckp_freq=1)
+            batch_size_per_gpu=16, epochs=3, warmup_epochs=1, num_workers=0, drop_path_rate=0.0, saveckp_freq=1,
+            **{"tracking.log_model": False})  # the MLflow model costs seconds a run: one test checks it
 
 
 @pytest.fixture(scope="session")

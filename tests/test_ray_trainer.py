@@ -47,7 +47,8 @@ def epoch_losses(result_path):
 
 def test_two_workers_train_resume_and_track_one_mlflow_run(local_ray, tiny_cfg, tmp_path, monkeypatch):
     one = tiny_cfg(epochs=2, batch_size_per_gpu=16, output_dir=str(tmp_path / "one"))
-    two = tiny_cfg(epochs=2, batch_size_per_gpu=8, scaling={"num_workers": 2}, output_dir=str(tmp_path / "two"))
+    two = tiny_cfg(epochs=2, batch_size_per_gpu=8, scaling={"num_workers": 2}, output_dir=str(tmp_path / "two"),
+                   **{"tracking.log_model": True})
     result_one = pretrain_on_ray(one)
     result_two = pretrain_on_ray(two)
     b_dir = tmp_path / "two_checkpoint"
@@ -88,10 +89,25 @@ def test_two_workers_train_resume_and_track_one_mlflow_run(local_ray, tiny_cfg, 
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")] == [0, 1, 2]
 
+    # --resume-from an MLflow run id: a new Ray run (other name and storage) continues the 1-worker run's
+    # checkpoint and its MLflow run, in the same store
+    client_one = MlflowClient(tracking_uri(one))
+    (run_one,) = client_one.search_runs([client_one.get_experiment_by_name("dino-ray").experiment_id])
+    more = tiny_cfg(epochs=3, batch_size_per_gpu=16, output_dir=str(tmp_path / "more"),
+                    tracking={"tracking_uri": tracking_uri(one)})
+    result = pretrain_on_ray(more, resume_from=run_one.info.run_id)
+    assert result.error is None and result.checkpoint is not None, result.error
+    with result.checkpoint.as_directory() as folder:
+        assert [json.loads(line)["epoch"] for line in open(f"{folder}/log.txt")] == [2]  # 0 and 1 came from MLflow
+    assert [m.step for m in client_one.get_metric_history(run_one.info.run_id, "loss")] == [0, 1, 2]
+    with pytest.raises(FileNotFoundError, match="neither a checkpoint file nor an MLflow run"):
+        pretrain_on_ray(more, resume_from="0123456789abcdef")
+
 
 def test_killed_worker_is_replaced_and_the_run_finishes(local_ray, tiny_cfg, tmp_path):
 
-    cfg = tiny_cfg(epochs=25, batch_size_per_gpu=8, scaling={"num_workers": 2}, failure={"max_failures": 2},
+    cfg = tiny_cfg(epochs=12, saveckp_freq=4, batch_size_per_gpu=8, scaling={"num_workers": 2},
+                   failure={"max_failures": 2},
                    output_dir=str(tmp_path / "ft"))
     run_dir = tmp_path / "ft" / "ray_results" / "ft"
     killed = []
@@ -111,27 +127,11 @@ def test_killed_worker_is_replaced_and_the_run_finishes(local_ray, tiny_cfg, tmp
     with result.checkpoint.as_directory() as folder:
         epochs = [json.loads(line)["epoch"] for line in open(f"{folder}/log.txt")]
         final = torch.load(f"{folder}/checkpoint.pth", weights_only=True)
-    assert epochs == list(range(25)), "no epoch of the checkpoint's lineage trained twice"
-    assert final["epoch"] == 25 and set(final) >= {"student", "teacher", "optimizer", "dino_loss"}
+    assert epochs == list(range(12)), "no epoch of the checkpoint's lineage trained twice"
+    assert final["epoch"] == 12 and set(final) >= {"student", "teacher", "optimizer", "dino_loss"}
     client = MlflowClient(tracking_uri(cfg))
     (run,) = client.search_runs([client.get_experiment_by_name("dino-ray").experiment_id])
     assert run.info.status == "FINISHED"  # one MLflow run across the restart
-
-
-def test_resume_from_an_mlflow_run_id(local_ray, tiny_cfg, tmp_path):
-    first = tiny_cfg(epochs=1, output_dir=str(tmp_path / "first"))
-    pretrain_on_ray(first)
-    client = MlflowClient(tracking_uri(first))
-    (run,) = client.search_runs([client.get_experiment_by_name("dino-ray").experiment_id])
-    # a new Ray run (other name and storage) continuing that MLflow run's checkpoint, tracked in the same store
-    more = tiny_cfg(epochs=2, output_dir=str(tmp_path / "second"), tracking={"tracking_uri": tracking_uri(first)})
-    result = pretrain_on_ray(more, resume_from=run.info.run_id)
-    assert result.error is None and result.checkpoint is not None, result.error
-    with result.checkpoint.as_directory() as folder:
-        assert [json.loads(line)["epoch"] for line in open(f"{folder}/log.txt")] == [1]  # epoch 0 came from MLflow
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [0, 1]
-    with pytest.raises(FileNotFoundError, match="neither a checkpoint file nor an MLflow run"):
-        pretrain_on_ray(more, resume_from="0123456789abcdef")
 
 
 def free_port() -> int:
@@ -164,7 +164,7 @@ def test_tracking_server_and_its_loss_mid_run(local_ray, tiny_cfg, tmp_path):
     port = free_port()
     server = start_mlflow_server(tmp_path, port)
     uri = f"http://127.0.0.1:{port}"
-    cfg = tiny_cfg(epochs=25, tracking={"tracking_uri": uri, "experiment_name": "served"},
+    cfg = tiny_cfg(epochs=12, saveckp_freq=4, tracking={"tracking_uri": uri, "experiment_name": "served"},
                    output_dir=str(tmp_path / "served"))
     run_dir = tmp_path / "served" / "ray_results" / "served"
     logged_before_stop = []
@@ -184,5 +184,5 @@ def test_tracking_server_and_its_loss_mid_run(local_ray, tiny_cfg, tmp_path):
     assert logged_before_stop[0] >= 3
     assert result.error is None
     with result.checkpoint.as_directory() as folder:  # nothing lost: every epoch is in log.txt
-        assert [json.loads(line)["epoch"] for line in open(f"{folder}/log.txt")] == list(range(25))
+        assert [json.loads(line)["epoch"] for line in open(f"{folder}/log.txt")] == list(range(12))
     assert not (tmp_path / "served" / "mlflow.db").exists()  # the server was used, not the embedded store

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
@@ -159,17 +158,22 @@ def _linear_per_worker(config: dict[str, Any]) -> None:
     import ray.train
 
     from dino_ray.logs import log_to_stderr
+    from dino_ray.train.ray_trainer import worker_scratch
 
     log_to_stderr()
+    with worker_scratch(f"dino_ray_linear{ray.train.get_context().get_world_rank()}_") as local:
+        _linear_in(local, config)
+
+
+def _linear_in(local: Path, config: dict[str, Any]) -> None:
+    import ray.train
+
+    from dino_ray.train.ray_trainer import finishing, reported_files, restore_files
+
+    files = ("checkpoint.pth", "log.txt", RUN_ID_FILE)
     args = LinearArgs(**config["args"])
     rank = ray.train.get_context().get_world_rank()
-    local = Path(tempfile.mkdtemp(prefix=f"dino_ray_linear{rank}_"))
-    restored = ray.train.get_checkpoint()
-    if restored is not None:
-        with restored.as_directory() as folder:
-            for name in ("checkpoint.pth", "log.txt", RUN_ID_FILE):
-                if (Path(folder) / name).exists():
-                    shutil.copy(Path(folder) / name, local / name)
+    restore_files(local, files)
     tracker = None
     weights = Weights(Path(args.pretrained_weights), config["pretraining_run"], config["checkpoint_epoch"])
     if rank == 0:
@@ -189,27 +193,16 @@ def _linear_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(stats)
             return
         tracker.log_metrics(stats, step=epoch)
-        with tempfile.TemporaryDirectory(dir=local) as folder:
-            for name in ("checkpoint.pth", "log.txt", RUN_ID_FILE):
-                if (local / name).exists():
-                    shutil.copy(local / name, Path(folder) / name)
-            ray.train.report(stats, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                             checkpoint_dir_name=f"linear_epoch{epoch:04d}")
+        with reported_files(local, files) as checkpoint:
+            ray.train.report(stats, checkpoint=checkpoint, checkpoint_dir_name=f"linear_epoch{epoch:04d}")
 
-    try:
+    with finishing(tracker):
         stats = run_linear(args, on_epoch_end=report, show_progress=False, work_dir=local)
         if tracker is not None:
             tracker.log_artifact(local / "checkpoint.pth", "linear_head")
             tracker.log_artifact(local / "log.txt")
             if weights.run_id:
                 tracker.log_metrics({"linear_top1": stats["best_acc1"]}, step=_step(weights), run_id=weights.run_id)
-            tracker.finish()
-    except BaseException:
-        if tracker is not None:
-            tracker.finish("FAILED")
-        raise
-    finally:
-        shutil.rmtree(local, ignore_errors=True)
 
 
 def linear_job(args: LinearArgs, use_ray: bool = True, ray_workers: int = 1, tracking_uri: Optional[str] = None,

@@ -10,13 +10,14 @@ checkpoint, so a resumed run continues the same MLflow run.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import ray
@@ -37,35 +38,73 @@ log = logging.getLogger(__name__)
 RESTORED_FILES = ("checkpoint.pth", "log.txt", RUN_ID_FILE)
 
 
-def _restore(local_dir: Path, resume_from: Optional[str], mlflow_run_id: Optional[str]) -> None:
-    """Put the checkpoint to start from into the worker's folder: Ray's latest, else ``resume_from``."""
+def restore_files(local_dir: Path, names: tuple[str, ...]) -> bool:
+    """Copy ``names`` from the run's latest reported checkpoint (a restart or resume) into ``local_dir``."""
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            for name in RESTORED_FILES:
-                if (Path(folder) / name).exists():
-                    shutil.copy(Path(folder) / name, local_dir / name)
-    elif resume_from:
-        shutil.copy(resume_from, local_dir / "checkpoint.pth")
-        if mlflow_run_id:
-            (local_dir / RUN_ID_FILE).write_text(mlflow_run_id)
+    if checkpoint is None:
+        return False
+    with checkpoint.as_directory() as folder:
+        for name in names:
+            if (Path(folder) / name).exists():
+                shutil.copy(Path(folder) / name, local_dir / name)
+    return True
+
+
+@contextlib.contextmanager
+def reported_files(local_dir: Path, names: tuple[str, ...]) -> Iterator[Checkpoint]:
+    """A Ray checkpoint of a snapshot of ``names`` from ``local_dir``, for one ``ray.train.report``."""
+    with tempfile.TemporaryDirectory(dir=local_dir) as folder:
+        for name in names:
+            if (local_dir / name).exists():
+                shutil.copy(local_dir / name, Path(folder) / name)
+        yield Checkpoint.from_directory(folder)
+
+
+@contextlib.contextmanager
+def worker_scratch(prefix: str) -> Iterator[Path]:
+    """A worker's scratch folder, removed at the end: everything worth keeping was reported to the storage."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def finishing(tracker: Optional[Any]) -> Iterator[None]:
+    """Close the rank-0 MLflow run: FINISHED after the body, FAILED if it raises (and re-raise)."""
+    try:
+        yield
+    except BaseException:
+        if tracker is not None:
+            tracker.finish("FAILED")
+        raise
+    if tracker is not None:
+        tracker.finish()
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     log_to_stderr()
+    with worker_scratch(f"dino_ray_rank{ray.train.get_context().get_world_rank()}_") as local_dir:
+        _train_in(local_dir, loop_config)
+
+
+def _train_in(local_dir: Path, loop_config: dict[str, Any]) -> None:
     cfg = build_config(loop_config["config"])
     context = ray.train.get_context()
     rank = context.get_world_rank()
-    local_dir = Path(tempfile.mkdtemp(prefix=f"dino_ray_rank{rank}_"))
-    _restore(local_dir, loop_config.get("resume_from"), loop_config.get("mlflow_run_id"))
+    if not restore_files(local_dir, RESTORED_FILES) and loop_config.get("resume_from"):
+        shutil.copy(loop_config["resume_from"], local_dir / "checkpoint.pth")
+        if loop_config.get("mlflow_run_id"):
+            (local_dir / RUN_ID_FILE).write_text(loop_config["mlflow_run_id"])
     tracker = None
     if rank == 0:
         from dino_ray.tracking import pretraining_tracker  # rank 0 alone talks to MLflow
 
         run_id_file = local_dir / RUN_ID_FILE
         tracker = pretraining_tracker(cfg, run_id_file.read_text().strip() if run_id_file.exists() else None,
-                             tags={"ray_job_id": loop_config.get("job_id") or "none",
-                                   "num_workers": str(context.get_world_size())})
+                                      tags={"ray_job_id": loop_config.get("job_id") or "none",
+                                            "num_workers": str(context.get_world_size())})
         if tracker.run_id:
             run_id_file.write_text(tracker.run_id)
 
@@ -76,15 +115,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report(metrics)
             return
         tracker.log_metrics(stats, step=epoch)
-        with tempfile.TemporaryDirectory(dir=local_dir) as folder:
-            for name in (*RESTORED_FILES, "config.yaml"):
-                if (local_dir / name).exists():
-                    shutil.copy(local_dir / name, Path(folder) / name)
+        with reported_files(local_dir, (*RESTORED_FILES, "config.yaml")) as checkpoint:
             monitor = bool(cfg.eval.knn_every) and ((epoch + 1) % cfg.eval.knn_every == 0 or epoch + 1 == cfg.epochs)
             if monitor and cfg.eval.knn_sync:  # in this report, so Tune's schedulers see the metric
-                metrics.update(knn_monitor(Checkpoint.from_directory(folder), cfg.to_dict(), epoch))
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder),
-                             checkpoint_dir_name=f"checkpoint_epoch{epoch:04d}",
+                metrics.update(knn_monitor(checkpoint, cfg.to_dict(), epoch))
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_epoch{epoch:04d}",
                              validation=ValidationTaskConfig(fn_kwargs={"epoch": epoch})
                              if monitor and not cfg.eval.knn_sync else False)
         tracker.log_artifact(local_dir / "log.txt")
@@ -98,22 +133,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                  metrics["peak_rss_mb"])
         tracker.log_metrics({f"iter/{k}": v for k, v in metrics.items()}, step=iteration)
 
-    try:
+    with finishing(tracker):
         train_dino(cfg, on_epoch_end=report, show_progress=False, on_step=log_step if tracker is not None else None,
                    work_dir=local_dir)
         if tracker is not None:
             log_final_artifacts(tracker, cfg, local_dir)
-            tracker.finish()
-    except BaseException:
-        if tracker is not None:
-            tracker.finish("FAILED")
-        raise
-    finally:
-        shutil.rmtree(local_dir, ignore_errors=True)  # everything worth keeping was reported to the storage
 
 
 def log_final_artifacts(tracker: Any, cfg: DINOConfig, folder: Path) -> None:
-    """The config, the full checkpoint, the teacher backbone alone (the released files' layout) and as an MLflow model."""
+    """The config, the full checkpoint, the teacher backbone alone (the released files' layout) and, unless
+    ``tracking.log_model`` is off, the backbone as an MLflow model."""
     _, teacher = build_student_teacher(cfg)
     teacher.load_state_dict(strip_module_prefix(load_checkpoint(folder / "checkpoint.pth")["teacher"]))
     backbone = teacher.backbone.eval()
@@ -122,7 +151,8 @@ def log_final_artifacts(tracker: Any, cfg: DINOConfig, folder: Path) -> None:
     tracker.log_artifact(folder / "checkpoint.pth", "checkpoints")
     tracker.log_artifact(folder / "teacher_backbone.pth", "checkpoints")
     example = np.zeros((1, 3, cfg.global_crops_size, cfg.global_crops_size), dtype=np.float32)
-    tracker.log_model(backbone, example)
+    if cfg.tracking.log_model:
+        tracker.log_model(backbone, example)
 
 
 def checkpoint_from_mlflow(cfg: DINOConfig, run_id: str) -> str:
@@ -141,7 +171,7 @@ def build_trainer(cfg: DINOConfig, resume_from: Optional[str] = None, job_id: Op
     storage_path = cfg.run.storage_path or str(Path(cfg.output_dir).resolve() / "ray_results")
     kept = math.ceil(cfg.epochs / cfg.saveckp_freq) if cfg.saveckp_freq else 1
     validation = None
-    if cfg.eval.knn_every and not cfg.eval.knn_sync:  # the k-NN monitor: Ray runs it in its own task for each flagged checkpoint
+    if cfg.eval.knn_every and not cfg.eval.knn_sync:  # the k-NN monitor, in Ray's own task per flagged checkpoint
         validation = ValidationConfig(knn_monitor, ValidationTaskConfig(fn_kwargs={"config": cfg.to_dict()}),
                                       ray_remote_kwargs={"num_cpus": cfg.eval.num_cpus})
     return TorchTrainer(
