@@ -16,6 +16,9 @@ def _pretrain(args: argparse.Namespace) -> None:
     from dino_ray.train.loop import train_dino
 
     cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        _dry_run(cfg, args)
+        return
     if "://" not in cfg.data_path and not Path(cfg.data_path).exists():
         raise FileNotFoundError(f"data_path '{cfg.data_path}' does not exist")
     if args.no_ray:
@@ -45,6 +48,30 @@ def _sweep(args: argparse.Namespace) -> None:
                          f"{spec.storage_path}/{spec.name}/tune")
     best = rows[0]
     print(f"best: {best['trial']} ({spec.metric} {best[spec.metric]:.2f}); checkpoint: {best['checkpoint']}")
+
+
+def _dry_run(cfg, args: argparse.Namespace) -> None:
+    """Print the resolved config and what the run will cost; touch no cluster and no data beyond counting it."""
+    import yaml
+
+    from dino_ray.data.datasets import build_dataset
+    from dino_ray.train.plan import IMAGENET_TRAIN_IMAGES, PAPER_IMAGES_PER_S_PER_GPU, plan_run
+
+    num_images, counted = args.num_images, "given"
+    if num_images is None and "://" not in cfg.data_path and Path(cfg.data_path).exists():
+        num_images, counted = len(build_dataset(cfg.data_path, max_images=cfg.max_images)), f"in {cfg.data_path}"
+    if num_images is None:
+        num_images, counted = IMAGENET_TRAIN_IMAGES, "ImageNet-1k train (data_path not readable here)"
+    rate = args.images_per_s or PAPER_IMAGES_PER_S_PER_GPU
+    plan = plan_run(cfg, num_images, rate)
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    print(f"world size {plan['world_size']} x batch {plan['batch_size_per_gpu']} = total batch {plan['total_batch']}; "
+          f"lr {plan['lr']} -> {plan['scaled_lr']:.6g} (x total batch / 256)")
+    print(f"{plan['num_images']:,} images ({counted}): {plan['iterations_per_epoch']:,} iterations per epoch, "
+          f"{plan['total_iterations']:,} over {cfg.epochs} epochs")
+    source = "given" if args.images_per_s else "the paper's ViT-S/16 figure, Table 8"
+    print(f"at {plan['images_per_s_per_gpu']} images/s per GPU ({source}): {plan['gpu_hours']:,} GPU-hours, "
+          f"{plan['wall_hours']:,} hours on {plan['world_size']} GPUs")
 
 
 def _vit_shape(args: argparse.Namespace) -> dict[str, int]:
@@ -119,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume-from", dest="resume_from", help="checkpoint .pth to resume from (default: the run's "
                    "latest checkpoint when one exists)")
     p.add_argument("--no-ray", dest="no_ray", action="store_true", help="run the loop in this process, without Ray")
+    p.add_argument("--dry-run", dest="dry_run", action="store_true", help="print the resolved config, world size, "
+                   "total batch, scaled lr, iterations per epoch and estimated GPU-hours; run nothing")
+    p.add_argument("--num_images", type=int, default=None, help="with --dry-run: dataset size (default: count "
+                   "data_path, else ImageNet-1k's 1,281,167)")
+    p.add_argument("--images_per_s", type=float, default=None, help="with --dry-run: measured images/s per GPU "
+                   "(default: the paper's ViT-S/16 figure, about 92)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=1e-3 epochs=10")
     p.set_defaults(func=_pretrain)
 

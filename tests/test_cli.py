@@ -1,7 +1,10 @@
 """The dino-ray command line: errors that name the problem, and the k-NN command end to end."""
 import json
+import re
 import subprocess
 import sys
+
+import pytest
 
 from dino_ray.cli import main
 from dino_ray.train.loop import train_dino
@@ -47,3 +50,15 @@ def test_eval_knn_on_a_pretraining_checkpoint(tiny_cfg, cifar_rows, tmp_path, ca
     assert again == 0
     reloaded = json.loads((out / "reloaded" / "knn.json").read_text())
     assert reloaded["results"]["5"] == record["results"]["5"]
+
+
+def test_dry_run_prints_the_paper_run_and_its_cost(capsys):
+    assert main(["pretrain", "--config", "experiments/vit_small_16_100ep.yaml", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "arch: vit_small" in out and "num_workers: 8" in out  # the resolved config
+    assert "world size 8 x batch 64 = total batch 512; lr 0.0005 -> 0.001" in out
+    assert "1,281,167 images (ImageNet-1k train" in out and "2,502 iterations per epoch" in out
+    # the paper's own figure back: 100 epochs of ImageNet in 24.2 h on 16 GPUs = 387 GPU-hours
+    gpu_hours = float(re.search(r"([\d,.]+) GPU-hours", out).group(1).replace(",", ""))
+    assert gpu_hours == pytest.approx(24.2 * 16, rel=1e-3)
+    assert main(["pretrain", "--config", "experiments/vit_small_16_100ep.yaml", "--dry-run", "--num_images", "100"]) == 2

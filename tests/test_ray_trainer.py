@@ -51,6 +51,7 @@ def test_two_workers_train_resume_and_track_one_mlflow_run(local_ray, tiny_cfg, 
                    **{"tracking.log_model": True})
     result_one = pretrain_on_ray(one)
     result_two = pretrain_on_ray(two)
+    uri_one = tracking_uri(one)  # before MLFLOW_TRACKING_URI is set below, which tracking_uri() would follow
     b_dir = tmp_path / "two_checkpoint"
     result_two.checkpoint.to_directory(str(b_dir))
     with result_one.checkpoint.as_directory() as a:
@@ -91,10 +92,10 @@ def test_two_workers_train_resume_and_track_one_mlflow_run(local_ray, tiny_cfg, 
 
     # --resume-from an MLflow run id: a new Ray run (other name and storage) continues the 1-worker run's
     # checkpoint and its MLflow run, in the same store
-    client_one = MlflowClient(tracking_uri(one))
+    client_one = MlflowClient(uri_one)
     (run_one,) = client_one.search_runs([client_one.get_experiment_by_name("dino-ray").experiment_id])
     more = tiny_cfg(epochs=3, batch_size_per_gpu=16, output_dir=str(tmp_path / "more"),
-                    tracking={"tracking_uri": tracking_uri(one)})
+                    tracking={"tracking_uri": uri_one})
     result = pretrain_on_ray(more, resume_from=run_one.info.run_id)
     assert result.error is None and result.checkpoint is not None, result.error
     with result.checkpoint.as_directory() as folder:
