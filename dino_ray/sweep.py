@@ -200,8 +200,9 @@ def summarize(spec: SweepSpec, results: Any, sweep_dir: Path) -> list[dict[str, 
         history = result.metrics_dataframe
         value = (history[spec.metric].dropna().iloc[-1] if history is not None and spec.metric in history
                  and history[spec.metric].notna().any() else math.nan)
-        status = "ERROR" if result.error else ("STOPPED" if (result.metrics or {}).get("epoch", -1) + 1 <
-                                                spec.base["epochs"] else "TERMINATED")
+        epochs = result.config.get("epochs", spec.base["epochs"])  # the trial's own, when epochs is swept
+        status = "ERROR" if result.error else ("STOPPED" if (result.metrics or {}).get("epoch", -1) + 1 < epochs
+                                                else "TERMINATED")
         rows.append({"trial": name, **{k: result.config.get(k) for k in spec.search_space},
                      spec.metric: float(value), "epochs_run": (result.metrics or {}).get("epoch", -1) + 1,
                      "status": status, "checkpoint": checkpoint})

@@ -91,7 +91,9 @@ def test_interrupted_sweep_resumes_and_asha_stops_the_weak_trial(tmp_path):
     children = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(float(c.data.params["weight_decay"]) for c in children) == [0.04, 1000.0]  # one run per trial
     statuses = {float(c.data.params["weight_decay"]): c.info.status for c in children}
-    assert statuses == {0.04: "FINISHED", 1000.0: "KILLED"}
+    # no run is left RUNNING: the stopped trial's run is closed KILLED, or FINISHED when its last (tiny) epoch
+    # completed before Tune's stop reached it (results.csv still says STOPPED: Tune saw 2 of 3 epochs)
+    assert statuses[0.04] == "FINISHED" and statuses[1000.0] in ("KILLED", "FINISHED")
     good_run = next(c for c in children if float(c.data.params["weight_decay"]) == 0.04)
     # every epoch's monitor reached the trial's run (the epoch cut short by Ctrl-C before its checkpoint was
     # retrained after the resume, so its step may hold two values; the checkpoint lineage above has no repeat)
