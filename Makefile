@@ -30,6 +30,7 @@ benchmark: venv
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/ray_overhead.py
 	$(BIN)/python benchmarks/knn.py
+	$(BIN)/python benchmarks/augment.py
 
 clean:
 	rm -rf $(QUICK) .pytest_cache

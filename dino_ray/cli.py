@@ -13,6 +13,7 @@ log = logging.getLogger("dino_ray")
 
 def _pretrain(args: argparse.Namespace) -> None:
     from dino_ray.config import load_config
+    from dino_ray.storage import fetch, is_uri
     from dino_ray.train.loop import train_dino
 
     cfg = load_config(args.config, args.overrides)
@@ -21,6 +22,8 @@ def _pretrain(args: argparse.Namespace) -> None:
         return
     if "://" not in cfg.data_path and not Path(cfg.data_path).exists():
         raise FileNotFoundError(f"data_path '{cfg.data_path}' does not exist")
+    if args.resume_from and is_uri(args.resume_from):  # a checkpoint on cloud storage: read it back first
+        args.resume_from = str(fetch(args.resume_from, Path(cfg.output_dir) / "resume"))
     if args.no_ray:
         stats = train_dino(cfg, resume_from=args.resume_from)
         log.info("done: %s; checkpoints and log.txt in %s", json.dumps(stats), Path(cfg.output_dir).resolve())
@@ -48,6 +51,13 @@ def _sweep(args: argparse.Namespace) -> None:
                          f"{spec.storage_path}/{spec.name}/tune")
     best = rows[0]
     print(f"best: {best['trial']} ({spec.metric} {best[spec.metric]:.2f}); checkpoint: {best['checkpoint']}")
+
+
+def _convert_data(args: argparse.Namespace) -> None:
+    from dino_ray.data.convert import convert_images
+
+    summary = convert_images(args.source, args.target, args.rows_per_shard, use_ray=not args.no_ray)
+    print(json.dumps(summary))
 
 
 def _dry_run(cfg, args: argparse.Namespace) -> None:
@@ -113,7 +123,7 @@ def _visualize_attention(args: argparse.Namespace) -> None:
 def _weights_flags(p: argparse.ArgumentParser) -> None:
     """How every eval names its weights (see dino_ray.eval.weights)."""
     p.add_argument("--pretrained_weights", required=True, help="a checkpoint file (dino-ray or official, full or "
-                   "backbone-only), a pretraining's MLflow run id (or runs:/<id>), or dino_vits16 / dino_vitb8 / ...")
+                   "backbone-only) or its s3:// / gs:// URI, a pretraining's MLflow run id (or runs:/<id>), or dino_vits16 / dino_vitb8 / ...")
     p.add_argument("--checkpoint", default=None, help="with a run id: which logged checkpoint, e.g. "
                    "checkpoint0040.pth (default: the latest, checkpoint.pth)")
     p.add_argument("--checkpoint_key", default="teacher", help='"teacher" or "student" in full checkpoints')
@@ -143,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="DINO pretraining (main_dino.py) from a YAML config, on Ray Train")
     p.add_argument("--config", help="YAML file of main_dino.py flags (experiments/*.yaml)")
-    p.add_argument("--resume-from", dest="resume_from", help="checkpoint .pth to resume from (default: the run's "
-                   "latest checkpoint when one exists)")
+    p.add_argument("--resume-from", dest="resume_from", help="checkpoint .pth to resume from: a file, an "
+                   "s3:// or gs:// URI, or an MLflow run id (default: the run's latest checkpoint when one exists)")
     p.add_argument("--no-ray", dest="no_ray", action="store_true", help="run the loop in this process, without Ray")
     p.add_argument("--dry-run", dest="dry_run", action="store_true", help="print the resolved config, world size, "
                    "total batch, scaled lr, iterations per epoch and estimated GPU-hours; run nothing")
@@ -161,6 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, metavar="NAME", help="continue the interrupted sweep NAME")
     p.add_argument("--storage_path", default=None, help="where sweeps live (default: the file's, else outputs/sweeps)")
     p.set_defaults(func=_sweep)
+
+    p = sub.add_parser("convert-data", help="an ImageFolder tree or a list of image files into Parquet shards")
+    p.add_argument("source", help="ImageFolder root (<root>/<class>/<files>) or a text file of image paths")
+    p.add_argument("target", help="folder for part-NNNNN.parquet, _plan.json and _skipped.csv (resumable)")
+    p.add_argument("--rows_per_shard", type=int, default=1000)
+    p.add_argument("--no-ray", dest="no_ray", action="store_true", help="convert in this process, without Ray")
+    p.set_defaults(func=_convert_data)
 
     p = sub.add_parser("eval-knn", help="weighted k-NN evaluation (eval_knn.py) of frozen features")
     _weights_flags(p)

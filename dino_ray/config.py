@@ -52,6 +52,9 @@ class TrackingSection:
     experiment_name: str = "dino-ray"
     parent_run_id: Optional[str] = None  # nest the run under this one (a sweep's parent run)
     log_model: bool = True  # the teacher backbone as an MLflow model at the end (a few seconds)
+    # where a new experiment keeps its artifacts (s3://bucket/mlflow); default: the embedded store's
+    # output_dir/mlartifacts, or the tracking server's own setting
+    artifact_location: Optional[str] = None
 
 
 @dataclass

@@ -58,7 +58,7 @@ def pretraining_tracker(cfg: DINOConfig, run_id: Optional[str] = None,
     if cfg.tracking.parent_run_id:
         tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
     return RunTracker(tracking_uri(cfg), cfg.tracking.experiment_name, cfg.run.name or Path(cfg.output_dir).name,
-                      flatten(cfg.to_dict()), run_id, tags, embedded_artifacts(cfg))
+                      flatten(cfg.to_dict()), run_id, tags, cfg.tracking.artifact_location or embedded_artifacts(cfg))
 
 
 def eval_tracker(uri: str, parent_run_id: Optional[str], name: str, params: dict[str, Any],

@@ -1,8 +1,13 @@
 """Shared fixtures: tiny configs and small real image sets (CIFAR-10 rows from ../shared, or the shipped sample)."""
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -37,3 +42,35 @@ def tiny_cfg(tmp_path, cifar_rows):
         values.update(overrides)
         return build_config(values)
     return make
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """A local S3-compatible server (moto) with an empty bucket, and the environment every S3 client here
+    (pyarrow for Ray's storage, boto3 for MLflow's artifacts, and the Ray processes started after it) reads:
+    ``AWS_ENDPOINT_URL`` and dummy credentials. Yields the bucket's URI."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+        for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
+            env.setenv(key, value)
+        deadline = time.time() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.time() > deadline:
+                    server.kill()
+                    raise RuntimeError("the local S3 server did not start")
+                time.sleep(0.2)
+        filesystem, _ = pafs.FileSystem.from_uri("s3://dino-ray?allow_bucket_creation=true")
+        filesystem.create_dir("dino-ray")  # the bucket
+        yield "s3://dino-ray"
+    server.terminate()
+    server.wait()

@@ -10,6 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 import torch
 
@@ -18,16 +19,16 @@ ray = pytest.importorskip("ray")
 import mlflow.pytorch  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from ray.util.state import list_actors  # noqa: E402
 
 from dino_ray import build_backbone, load_pretrained_weights  # noqa: E402
+from dino_ray.eval.weights import resolve_weights  # noqa: E402
 
 from dino_ray.tracking import tracking_uri  # noqa: E402
 from dino_ray.train.ray_trainer import pretrain_on_ray  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def local_ray():
+def local_ray(s3_server):  # started first: Ray's processes inherit the S3 server's environment
     ray.init(num_cpus=2, log_to_driver=False)
     yield
     ray.shutdown()
@@ -45,7 +46,7 @@ def epoch_losses(result_path):
     return [json.loads(line)["train_loss"] for line in open(f"{result_path}/log.txt")]
 
 
-def test_two_workers_train_resume_and_track_one_mlflow_run(local_ray, tiny_cfg, tmp_path, monkeypatch):
+def test_two_workers_train_and_resume_from_an_mlflow_run(local_ray, tiny_cfg, tmp_path, monkeypatch):
     one = tiny_cfg(epochs=2, batch_size_per_gpu=16, output_dir=str(tmp_path / "one"))
     two = tiny_cfg(epochs=2, batch_size_per_gpu=8, scaling={"num_workers": 2}, output_dir=str(tmp_path / "two"),
                    **{"tracking.log_model": True})
@@ -80,16 +81,6 @@ def test_two_workers_train_resume_and_track_one_mlflow_run(local_ray, tiny_cfg, 
     x = torch.randn(2, 3, 16, 16)
     assert torch.allclose(model.eval()(x), backbone.eval()(x), atol=1e-6)
 
-    # the same name and storage with more epochs: resumes at epoch 2 and continues the same MLflow run
-    longer = tiny_cfg(epochs=3, batch_size_per_gpu=8, scaling={"num_workers": 2}, output_dir=str(tmp_path / "two"))
-    result = pretrain_on_ray(longer)
-    with result.checkpoint.as_directory() as folder:
-        assert [json.loads(line)["epoch"] for line in open(f"{folder}/log.txt")] == [0, 1, 2]
-    runs = client.search_runs([client.get_experiment_by_name("dino-ray").experiment_id],
-                              filter_string="tags.num_workers = '2'")
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")] == [0, 1, 2]
-
     # --resume-from an MLflow run id: a new Ray run (other name and storage) continues the 1-worker run's
     # checkpoint and its MLflow run, in the same store
     client_one = MlflowClient(uri_one)
@@ -105,34 +96,40 @@ def test_two_workers_train_resume_and_track_one_mlflow_run(local_ray, tiny_cfg, 
         pretrain_on_ray(more, resume_from="0123456789abcdef")
 
 
-def test_killed_worker_is_replaced_and_the_run_finishes(local_ray, tiny_cfg, tmp_path):
+def test_checkpoints_and_artifacts_on_s3_and_a_resume_from_there_alone(local_ray, s3_server, tiny_cfg, tmp_path):
+    """Everything on the (local) S3 server: Ray's checkpoints and MLflow's artifacts. A new driver with no
+    local file of the run (the first one's machine is gone) resumes from the bucket and continues the MLflow
+    run. A worker or node lost mid-run is restored the same way, from the storage (test_ray_job.py)."""
+    storage, artifacts = f"{s3_server}/ray_results", f"{s3_server}/mlartifacts"
+    mlflow_db = f"sqlite:///{tmp_path / 'mlflow.db'}"  # the server's database; its artifacts are in the bucket
 
-    cfg = tiny_cfg(epochs=12, saveckp_freq=4, batch_size_per_gpu=8, scaling={"num_workers": 2},
-                   failure={"max_failures": 2},
-                   output_dir=str(tmp_path / "ft"))
-    run_dir = tmp_path / "ft" / "ray_results" / "ft"
-    killed = []
+    def on_s3(epochs: int):
+        return tiny_cfg(epochs=epochs, batch_size_per_gpu=8, scaling={"num_workers": 2},
+                        output_dir=str(tmp_path / "s3run"), run={"name": "s3run", "storage_path": storage},
+                        tracking={"tracking_uri": mlflow_db, "artifact_location": artifacts})
 
-    def kill_a_worker_mid_run():
-        wait_for(run_dir / "checkpoint_epoch0002")
-        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-        os.kill(workers[-1].pid, signal.SIGKILL)  # a worker process dies mid-run
-        killed.append(len(workers))
+    result = pretrain_on_ray(on_s3(2))
+    assert result.error is None
+    assert result.checkpoint.path == "dino-ray/ray_results/s3run/checkpoint_epoch0001"  # in the bucket
+    assert not (tmp_path / "s3run").exists()  # nothing of the run is on this machine: a new driver has only S3
 
-    killer = threading.Thread(target=kill_a_worker_mid_run)
-    killer.start()
-    result = pretrain_on_ray(cfg)  # the driver stays on the main thread
-    killer.join()
-    assert killed == [2]
+    result = pretrain_on_ray(on_s3(3))  # the same name and storage with more epochs
     assert result.error is None
     with result.checkpoint.as_directory() as folder:
-        epochs = [json.loads(line)["epoch"] for line in open(f"{folder}/log.txt")]
-        final = torch.load(f"{folder}/checkpoint.pth", weights_only=True)
-    assert epochs == list(range(12)), "no epoch of the checkpoint's lineage trained twice"
-    assert final["epoch"] == 12 and set(final) >= {"student", "teacher", "optimizer", "dino_loss"}
-    client = MlflowClient(tracking_uri(cfg))
+        assert [json.loads(line)["epoch"] for line in open(f"{folder}/log.txt")] == [0, 1, 2]
+    client = MlflowClient(mlflow_db)
     (run,) = client.search_runs([client.get_experiment_by_name("dino-ray").experiment_id])
-    assert run.info.status == "FINISHED"  # one MLflow run across the restart
+    assert run.info.status == "FINISHED"  # one MLflow run across the resume
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [0, 1, 2]
+    assert run.info.artifact_uri.startswith(artifacts)
+    s3, _ = pafs.FileSystem.from_uri(s3_server)  # as Ray and MLflow reach it: through AWS_ENDPOINT_URL
+    stored = {info.path for info in s3.get_file_info(pafs.FileSelector("dino-ray/mlartifacts", recursive=True))}
+    assert f"dino-ray/mlartifacts/{run.info.run_id}/artifacts/checkpoints/checkpoint.pth" in stored
+
+    # an evaluation reads the checkpoint straight from the storage and finds its MLflow run beside it
+    weights = resolve_weights(f"{s3_server}/ray_results/s3run/checkpoint_epoch0002/checkpoint.pth",
+                              cache_dir=tmp_path / "weights")
+    assert weights.epoch == 3 and weights.run_id == run.info.run_id and weights.tracking_uri == mlflow_db
 
 
 def free_port() -> int:
@@ -165,7 +162,7 @@ def test_tracking_server_and_its_loss_mid_run(local_ray, tiny_cfg, tmp_path):
     port = free_port()
     server = start_mlflow_server(tmp_path, port)
     uri = f"http://127.0.0.1:{port}"
-    cfg = tiny_cfg(epochs=12, saveckp_freq=4, tracking={"tracking_uri": uri, "experiment_name": "served"},
+    cfg = tiny_cfg(epochs=8, saveckp_freq=4, tracking={"tracking_uri": uri, "experiment_name": "served"},
                    output_dir=str(tmp_path / "served"))
     run_dir = tmp_path / "served" / "ray_results" / "served"
     logged_before_stop = []
@@ -185,5 +182,5 @@ def test_tracking_server_and_its_loss_mid_run(local_ray, tiny_cfg, tmp_path):
     assert logged_before_stop[0] >= 3
     assert result.error is None
     with result.checkpoint.as_directory() as folder:  # nothing lost: every epoch is in log.txt
-        assert [json.loads(line)["epoch"] for line in open(f"{folder}/log.txt")] == list(range(12))
+        assert [json.loads(line)["epoch"] for line in open(f"{folder}/log.txt")] == list(range(8))
     assert not (tmp_path / "served" / "mlflow.db").exists()  # the server was used, not the embedded store

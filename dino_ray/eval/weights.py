@@ -1,7 +1,7 @@
 """Where an evaluation's weights come from, and which pretraining run its results belong to.
 
 Every eval takes ``--pretrained_weights`` as any of: a dino-ray or reference checkpoint file (full or
-backbone-only), the id of a pretraining's MLflow run (``<run id>`` or ``runs:/<run id>``, its latest
+backbone-only) or its ``s3://`` / ``gs://`` URI, the id of a pretraining's MLflow run (``<run id>`` or ``runs:/<run id>``, its latest
 checkpoint or a chosen kept one), or a hub name (``dino_vits16`` ...: the official file, from the
 torch hub cache or downloaded). A dino-ray checkpoint knows its pretraining: Ray-reported ones carry
 the MLflow run id beside them and every one records its config (hence its tracking store).
@@ -16,6 +16,8 @@ from typing import Any, Optional
 import torch
 
 from dino_ray.models.hub import OFFICIAL_URL, OFFICIAL_WEIGHTS, download_weights, safe_load
+from dino_ray.storage import exists as storage_exists
+from dino_ray.storage import fetch, is_uri, join
 from dino_ray.train.checkpoint import RUN_ID_FILE
 
 RUN_ID = re.compile(r"^(?:runs:/)?([0-9a-f]{32})/?$")
@@ -57,6 +59,12 @@ def resolve_weights(source: str, tracking_uri: Optional[str] = None, checkpoint:
         if not cached.exists():
             download_weights(OFFICIAL_URL + url_path)
         return Weights(cached, arch=arch, patch_size=patch_size or None)
+    if is_uri(source):  # e.g. a checkpoint in a cloud run.storage_path, with its MLflow run id beside it
+        folder = Path(cache_dir) / source.split("://", 1)[1].rsplit("/", 1)[0]
+        run_file = join(source.rsplit("/", 1)[0], RUN_ID_FILE)
+        if storage_exists(run_file):
+            fetch(run_file, folder)
+        source = str(fetch(source, folder))
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"pretrained_weights '{source}' is neither a file, an MLflow run id, nor one of "

@@ -1,0 +1,124 @@
+"""Multi-crop augmentation throughput per CPU core: the reference's PIL pipeline vs torchvision v2 on tensors.
+
+The first measurement of issue #7's choice of augmentation backend. Both produce DINO's views
+(2 global + N local crops: RandomResizedCrop bicubic, flip 0.5, colour jitter 0.8, grayscale 0.2,
+Gaussian blur 1.0 / 0.1 / 0.5 with std U(radius range), solarize 0.2 on the second global view,
+ImageNet normalisation) from the encoded JPEG bytes, decode included, one thread:
+- ``reference_pil``: PIL decode + ``DataAugmentationDINO`` (the reference's transforms, one view at a time)
+- ``tv2_tensor``: ``torchvision.io.decode_jpeg`` + the same steps as ``torchvision.transforms.v2`` on uint8
+  tensors (the blur as a Gaussian kernel of std = PIL's radius, 6 std wide)
+Settings: CIFAR-10 at its own 32 px (global 32, local 16, 2 local crops, blur radius 0.1-0.5: the CPU
+recipe) and upscaled to 224 px (global 224, local 96, 8 local crops, radius 0.1-2.0: the paper's).
+
+Usage: ``python benchmarks/augment.py [--images N] [--out FILE]``; saves benchmarks/results/augment.json.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import platform
+import time
+from pathlib import Path
+from typing import Callable
+
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+from torchvision.io import decode_jpeg
+from torchvision.transforms import v2
+
+from dino_ray.data.augment import IMAGENET_MEAN, IMAGENET_STD, DataAugmentationDINO
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "datasets" / "cifar10" / "train" / "part-00000.parquet"
+SAMPLE = ROOT / "data" / "cifar10_sample" / "train.parquet"
+SETTINGS = {
+    "32px": dict(size=32, global_size=32, local_size=16, local_number=2, radius=(0.1, 0.5),
+                 global_scale=(0.25, 1.0), local_scale=(0.05, 0.25)),
+    "224px": dict(size=224, global_size=224, local_size=96, local_number=8, radius=(0.1, 2.0),
+                  global_scale=(0.4, 1.0), local_scale=(0.05, 0.4)),
+}
+
+
+def encoded_images(count: int, size: int) -> list[bytes]:
+    """CIFAR-10 JPEG bytes, re-encoded at ``size`` px (bicubic upscale, quality 95) when size is not 32."""
+    table = pq.read_table(SHARED if SHARED.exists() else SAMPLE, columns=["image"]).slice(0, count)
+    images = table.column("image").to_pylist()
+    if size == 32:
+        return images
+    out = []
+    for data in images:
+        buffer = io.BytesIO()
+        Image.open(io.BytesIO(data)).convert("RGB").resize((size, size), Image.BICUBIC).save(buffer, "JPEG", quality=95)
+        out.append(buffer.getvalue())
+    return out
+
+
+def reference_pil(s: dict) -> Callable[[bytes], list[torch.Tensor]]:
+    aug = DataAugmentationDINO(s["global_scale"], s["local_scale"], s["local_number"], s["global_size"],
+                               s["local_size"], s["radius"])
+    return lambda data: aug(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def tv2_tensor(s: dict) -> Callable[[bytes], list[torch.Tensor]]:
+    low, high = s["radius"]
+    kernel = 2 * math.ceil(3 * high) + 1
+
+    def view(size: int, scale: tuple, blur_p: float, solarize_p: float) -> v2.Compose:
+        steps = [v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                 v2.RandomHorizontalFlip(0.5),
+                 v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+                 v2.RandomGrayscale(0.2),
+                 v2.RandomApply([v2.GaussianBlur(kernel, sigma=(low, high))], p=blur_p)]
+        if solarize_p:
+            steps.append(v2.RandomSolarize(128, p=solarize_p))
+        steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        return v2.Compose(steps)
+
+    first = view(s["global_size"], s["global_scale"], 1.0, 0.0)
+    second = view(s["global_size"], s["global_scale"], 0.1, 0.2)
+    local = view(s["local_size"], s["local_scale"], 0.5, 0.0)
+
+    def run(data: bytes) -> list[torch.Tensor]:
+        image = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        return [first(image), second(image)] + [local(image) for _ in range(s["local_number"])]
+    return run
+
+
+PIPELINES = {"reference_pil": reference_pil, "tv2_tensor": tv2_tensor}
+
+
+def measure(pipeline: Callable[[bytes], list[torch.Tensor]], images: list[bytes], repeats: int) -> float:
+    """Images per second, best of ``repeats`` passes (the first pass warms caches)."""
+    pipeline(images[0])
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for data in images:
+            pipeline(data)
+        best = max(best, len(images) / (time.perf_counter() - start))
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "augment.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # per core: a loader process is single-threaded
+    results = {"machine": platform.processor() or platform.machine(), "threads": 1, "images": args.images}
+    for name, setting in SETTINGS.items():
+        images = encoded_images(args.images, setting["size"])
+        rates = {p: round(measure(make(setting), images, args.repeats), 1) for p, make in PIPELINES.items()}
+        rates["tv2_over_reference"] = round(rates["tv2_tensor"] / rates["reference_pil"], 2)
+        results[name] = {**rates, "views": 2 + setting["local_number"]}
+        print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in rates.items()) + " (images/s per core)", flush=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(f"saved {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""``dino-ray convert-data``: an ImageFolder tree (or a list of image files) into Parquet shards.
+
+Millions of small files are slow to list, copy and read from cloud storage; a few hundred Parquet
+shards are not, and both the DataLoader mode and Ray Data read them (``dino_ray.data.datasets``).
+Each row keeps the file's encoded bytes unchanged (no re-encoding: pixels round-trip exactly), its
+label, class name and path relative to the source. Shards are converted in parallel Ray tasks (or
+in this process with ``use_ray=False``), each written under a temporary name and renamed when
+complete, so an interrupted conversion resumes where it stopped; a plan file (``_plan.json``) ties
+the shards to the source's file list. Files that do not decode as images (corrupt, or not images at
+all) are skipped and listed with the reason in ``_skipped.csv``; a final pass reads every shard back,
+checks its row count and decodes every image.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+PLAN_FILE, SKIPPED_FILE = "_plan.json", "_skipped.csv"
+SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int64()), ("class_name", pa.string()),
+                    ("path", pa.string())])
+
+
+def list_images(source: str | Path) -> tuple[Path, list[tuple[str, str]]]:
+    """``(root, [(relative path, class name), ...])`` sorted by path; the class is the file's folder.
+
+    ``source`` is an ImageFolder root (``<root>/<class>/<file>``, every file taken: the decoder decides
+    what is an image) or a text file listing image paths, one per line (relative to the list's folder).
+    """
+    source = Path(source)
+    if source.is_dir():
+        classes = sorted(d.name for d in source.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if not classes:
+            raise ValueError(f"'{source}' has no class folders: expected <root>/<class>/<image files>")
+        files = [(str(p.relative_to(source)), cls) for cls in classes for p in sorted((source / cls).rglob("*"))
+                 if p.is_file() and not p.name.startswith(".")]
+        return source, files
+    if source.is_file():
+        root = source.parent
+        lines = [line.strip() for line in source.read_text().splitlines() if line.strip()]
+        missing = [line for line in lines if not (root / line).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} file(s) listed in '{source}' do not exist, e.g. '{missing[0]}'")
+        return root, sorted((line, Path(line).parent.name) for line in lines)
+    raise FileNotFoundError(f"convert-data source '{source}' is neither a folder nor a list file")
+
+
+def shard_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def convert_shard(root: str, files: list[tuple[str, str]], labels: dict[str, int], target: str) -> list[list[str]]:
+    """Write one shard of the files that decode; returns ``[path, reason]`` of those skipped."""
+    rows: dict[str, list[Any]] = {name: [] for name in SCHEMA.names}
+    skipped = []
+    for relative, class_name in files:
+        data = (Path(root) / relative).read_bytes()
+        try:
+            Image.open(io.BytesIO(data)).convert("RGB")  # decodes every pixel, not just the header
+        except Exception as exc:  # noqa: BLE001 - whatever the decoder says, the file is not a usable image
+            skipped.append([relative, f"{type(exc).__name__}: {exc}"])
+            continue
+        for name, value in zip(SCHEMA.names, (data, labels[class_name], class_name, relative)):
+            rows[name].append(value)
+    partial = Path(target).with_suffix(".parquet.partial")
+    pq.write_table(pa.table(rows, schema=SCHEMA), partial)
+    partial.rename(target)  # complete shards only ever have their final name
+    return skipped
+
+
+def verify_shard(path: str, expected_rows: int) -> Optional[str]:
+    """None if the shard has ``expected_rows`` rows that all decode; otherwise what is wrong."""
+    table = pq.read_table(path)
+    if table.num_rows != expected_rows:
+        return f"{path}: {table.num_rows} rows, expected {expected_rows}"
+    for relative, data in zip(table.column("path").to_pylist(), table.column("image").to_pylist()):
+        try:
+            Image.open(io.BytesIO(data)).convert("RGB")
+        except Exception as exc:  # noqa: BLE001
+            return f"{path}: row {relative} does not decode ({exc})"
+    return None
+
+
+def _run(tasks: list[tuple[Callable, tuple]], use_ray: bool, description: str) -> list[Any]:
+    """Run ``fn(*args)`` for each task, in Ray tasks (one CPU each) or here, with a progress bar."""
+    if not use_ray:
+        return [fn(*args) for fn, args in tqdm(tasks, desc=description, unit="shard")]
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+    pending = {ray.remote(num_cpus=1)(fn).remote(*args): i for i, (fn, args) in enumerate(tasks)}
+    results: list[Any] = [None] * len(tasks)
+    with tqdm(total=len(tasks), desc=description, unit="shard") as bar:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            results[pending.pop(done[0])] = ray.get(done[0])
+            bar.update(1)
+    return results
+
+
+def convert_images(source: str | Path, target: str | Path, rows_per_shard: int = 1000,
+                   use_ray: bool = True) -> dict[str, Any]:
+    """Convert (or finish converting) ``source`` into ``target``/part-NNNNN.parquet; returns a summary."""
+    root, files = list_images(source)
+    if not files:
+        raise ValueError(f"no files found in '{source}'")
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    classes = sorted({cls for _, cls in files})
+    labels = {cls: i for i, cls in enumerate(classes)}
+    shards = [files[i:i + rows_per_shard] for i in range(0, len(files), rows_per_shard)]
+    plan = {"source": str(Path(source).resolve()), "classes": classes, "rows_per_shard": rows_per_shard,
+            "files": len(files), "files_sha1": hashlib.sha1(json.dumps(files).encode()).hexdigest()}
+    plan_path = target / PLAN_FILE
+    if plan_path.exists():
+        previous = json.loads(plan_path.read_text())
+        changed = [k for k in plan if previous.get(k) != plan[k]]
+        if changed:
+            raise ValueError(f"'{target}' holds a conversion of another source or layout ({', '.join(changed)} "
+                             f"differ from {plan_path}): convert into an empty folder")
+        skipped_before = previous.get("skipped", {})
+    else:
+        skipped_before = {}
+    todo = [i for i in range(len(shards)) if not (target / shard_name(i)).exists()]
+    log.info("converting %d files of %d classes from %s into %d shards in %s (%d already done)", len(files),
+             len(classes), root, len(shards), target, len(shards) - len(todo))
+    results = _run([(convert_shard, (str(root), shards[i], labels, str(target / shard_name(i)))) for i in todo],
+                   use_ray, "convert")
+    skipped = {**skipped_before, **{str(i): result for i, result in zip(todo, results)}}
+    plan["skipped"] = skipped
+    plan_path.write_text(json.dumps(plan, indent=1))
+    with open(target / SKIPPED_FILE, "w", newline="") as report:
+        writer = csv.writer(report)
+        writer.writerow(["path", "reason"])
+        writer.writerows(row for i in sorted(skipped, key=int) for row in skipped[i])
+    expected = [len(shard) - len(skipped.get(str(i), [])) for i, shard in enumerate(shards)]
+    problems = [p for p in _run([(verify_shard, (str(target / shard_name(i)), n)) for i, n in enumerate(expected)],
+                                use_ray, "verify") if p]
+    if problems:
+        raise RuntimeError(f"conversion into '{target}' failed verification: {'; '.join(problems)}")
+    summary = {"rows": sum(expected), "skipped": sum(len(v) for v in skipped.values()), "shards": len(shards),
+               "classes": len(classes), "target": str(target)}
+    log.info("converted: %s; skipped files listed in %s", json.dumps(summary), target / SKIPPED_FILE)
+    return summary

@@ -1,0 +1,61 @@
+"""Files on cloud storage (``s3://``, ``gs://``, ...) through pyarrow's filesystems, the ones Ray Train writes with.
+
+Checkpoints reported to a cloud ``run.storage_path`` survive the loss of any node; these helpers read
+them back (for ``--resume-from`` and the evaluations' ``--pretrained_weights``) and keep a sweep's
+small records beside its trials. Credentials and endpoints come from the environment as for any
+pyarrow / boto3 client: instance roles on a cloud, ``AWS_ENDPOINT_URL`` for an S3-compatible server
+(MinIO, or the local one the tests start).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+
+def is_uri(path: str | Path) -> bool:
+    """A cloud location (``scheme://...``), not a local path (``file://`` counts as local)."""
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def join(base: str, *parts: str) -> str:
+    """``base/part/...`` for a URI or a local path alike."""
+    return "/".join([str(base).rstrip("/"), *parts])
+
+
+def fetch(uri: str, target_dir: str | Path) -> Path:
+    """Copy the file ``uri`` into ``target_dir`` (made if needed); returns the local path."""
+    filesystem, path = pafs.FileSystem.from_uri(uri)
+    info = filesystem.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(f"'{uri}' is not a file on its storage ({info.type.name})")
+    local = Path(target_dir) / Path(path).name
+    local.parent.mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(path, str(local.resolve()), source_filesystem=filesystem,
+                    destination_filesystem=pafs.LocalFileSystem())
+    return local
+
+
+def read_text(location: str | Path) -> str:
+    if not is_uri(location):
+        return Path(location).read_text()
+    filesystem, path = pafs.FileSystem.from_uri(str(location))
+    with filesystem.open_input_stream(path) as stream:
+        return stream.read().decode()
+
+
+def write_text(location: str | Path, text: str) -> None:
+    if not is_uri(location):
+        Path(location).parent.mkdir(parents=True, exist_ok=True)
+        Path(location).write_text(text)
+        return
+    filesystem, path = pafs.FileSystem.from_uri(str(location))
+    with filesystem.open_output_stream(path) as stream:
+        stream.write(text.encode())
+
+
+def exists(location: str | Path) -> bool:
+    if not is_uri(location):
+        return Path(location).exists()
+    filesystem, path = pafs.FileSystem.from_uri(str(location))
+    return filesystem.get_file_info(path).type != pafs.FileType.NotFound

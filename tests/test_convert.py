@@ -1,0 +1,81 @@
+"""``dino-ray convert-data``: ImageFolder trees and file lists into Parquet shards, in Ray tasks or in-process."""
+import csv
+import io
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from dino_ray.data.convert import PLAN_FILE, SKIPPED_FILE, convert_images, shard_name
+from dino_ray.data.datasets import build_dataset
+
+CLASSES = ["cat", "dog", "ship"]
+
+
+def make_image_folder(root):
+    """4 PNGs of random pixels per class (sizes differ), a truncated JPEG and a text file: the pixels by path."""
+    rng = np.random.default_rng(0)
+    pixels = {}
+    for cls in CLASSES:
+        for i in range(4):
+            array = rng.integers(0, 256, (8 + i, 10, 3), dtype=np.uint8)
+            (root / cls).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(array).save(root / cls / f"{i}.png")
+            pixels[f"{cls}/{i}.png"] = array
+    (root / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(100))
+    (root / "cat" / "notes.txt").write_text("not an image")
+    return pixels
+
+
+def read_rows(target):
+    return pq.read_table(sorted(target.glob("part-*.parquet"))).to_pylist()
+
+
+def test_image_folder_round_trips_labels_and_pixels_and_resumes(tmp_path):
+    pixels = make_image_folder(tmp_path / "src")
+    summary = convert_images(tmp_path / "src", tmp_path / "out", rows_per_shard=5, use_ray=False)
+    assert summary == {"rows": 12, "skipped": 2, "shards": 3, "classes": 3, "target": str(tmp_path / "out")}
+    rows = read_rows(tmp_path / "out")
+    assert sorted(row["path"] for row in rows) == sorted(pixels)
+    for row in rows:
+        assert row["class_name"] == row["path"].split("/")[0] and row["label"] == CLASSES.index(row["class_name"])
+        decoded = np.asarray(Image.open(io.BytesIO(row["image"])))
+        assert np.array_equal(decoded, pixels[row["path"]])  # the file's own bytes: lossless
+    with open(tmp_path / "out" / SKIPPED_FILE) as report:
+        skipped = {row["path"]: row["reason"] for row in csv.DictReader(report)}
+    assert set(skipped) == {"dog/broken.jpg", "cat/notes.txt"} and all(skipped.values())
+    dataset = build_dataset(tmp_path / "out")  # what pretraining and evaluation read
+    assert len(dataset) == 12 and sorted(dataset.targets) == [0] * 4 + [1] * 4 + [2] * 4
+
+    # an interrupted conversion: shard 1 never finished; a rerun writes it alone
+    (tmp_path / "out" / shard_name(1)).unlink()
+    kept = {i: (tmp_path / "out" / shard_name(i)).stat().st_mtime_ns for i in (0, 2)}
+    assert convert_images(tmp_path / "src", tmp_path / "out", rows_per_shard=5, use_ray=False) == summary
+    assert {i: (tmp_path / "out" / shard_name(i)).stat().st_mtime_ns for i in (0, 2)} == kept
+    assert read_rows(tmp_path / "out") == rows
+    with pytest.raises(ValueError, match=f"rows_per_shard differ from {tmp_path / 'out' / PLAN_FILE}"):
+        convert_images(tmp_path / "src", tmp_path / "out", rows_per_shard=4, use_ray=False)
+
+
+def test_ray_tasks_write_the_same_shards_and_a_file_list_works(tmp_path):
+    ray = pytest.importorskip("ray")
+    make_image_folder(tmp_path / "src")
+    convert_images(tmp_path / "src", tmp_path / "here", rows_per_shard=5, use_ray=False)
+    ray.init(num_cpus=2, log_to_driver=False)
+    try:
+        summary = convert_images(tmp_path / "src", tmp_path / "ray", rows_per_shard=5)
+    finally:
+        ray.shutdown()
+    assert summary["rows"] == 12 and read_rows(tmp_path / "ray") == read_rows(tmp_path / "here")
+    assert json.loads((tmp_path / "ray" / PLAN_FILE).read_text())["classes"] == CLASSES
+
+    (tmp_path / "src" / "list.txt").write_text("ship/1.png\ncat/0.png\ndog/broken.jpg\n")
+    summary = convert_images(tmp_path / "src" / "list.txt", tmp_path / "listed", use_ray=False)
+    assert summary["rows"] == 2 and summary["skipped"] == 1
+    # labels come from the listed classes, whether or not a file of the class decodes: cat 0, dog 1, ship 2
+    assert [(r["path"], r["label"]) for r in read_rows(tmp_path / "listed")] == [("cat/0.png", 0), ("ship/1.png", 2)]
+    (tmp_path / "src" / "bad_list.txt").write_text("ship/1.png\nship/404.png\n")
+    with pytest.raises(FileNotFoundError, match="ship/404.png"):
+        convert_images(tmp_path / "src" / "bad_list.txt", tmp_path / "bad", use_ray=False)
