@@ -20,7 +20,7 @@ def _pretrain(args: argparse.Namespace) -> None:
     if args.dry_run:
         _dry_run(cfg, args)
         return
-    if "://" not in cfg.data_path and not Path(cfg.data_path).exists():
+    if not is_uri(cfg.data_path) and not Path(cfg.data_path).exists():
         raise FileNotFoundError(f"data_path '{cfg.data_path}' does not exist")
     if args.resume_from and is_uri(args.resume_from):  # a checkpoint on cloud storage: read it back first
         args.resume_from = str(fetch(args.resume_from, Path(cfg.output_dir) / "resume"))
@@ -65,10 +65,11 @@ def _dry_run(cfg, args: argparse.Namespace) -> None:
     import yaml
 
     from dino_ray.data.datasets import build_dataset
+    from dino_ray.storage import is_uri
     from dino_ray.train.plan import IMAGENET_TRAIN_IMAGES, PAPER_IMAGES_PER_S_PER_GPU, plan_run
 
     num_images, counted = args.num_images, "given"
-    if num_images is None and "://" not in cfg.data_path and Path(cfg.data_path).exists():
+    if num_images is None and not is_uri(cfg.data_path) and Path(cfg.data_path).exists():
         num_images, counted = len(build_dataset(cfg.data_path, max_images=cfg.max_images)), f"in {cfg.data_path}"
     if num_images is None:
         num_images, counted = IMAGENET_TRAIN_IMAGES, "ImageNet-1k train (data_path not readable here)"
@@ -123,7 +124,8 @@ def _visualize_attention(args: argparse.Namespace) -> None:
 def _weights_flags(p: argparse.ArgumentParser) -> None:
     """How every eval names its weights (see dino_ray.eval.weights)."""
     p.add_argument("--pretrained_weights", required=True, help="a checkpoint file (dino-ray or official, full or "
-                   "backbone-only) or its s3:// / gs:// URI, a pretraining's MLflow run id (or runs:/<id>), or dino_vits16 / dino_vitb8 / ...")
+                   "backbone-only) or its s3:// / gs:// URI, a pretraining's MLflow run id (or runs:/<id>), or "
+                   "dino_vits16 / dino_vitb8 / ...")
     p.add_argument("--checkpoint", default=None, help="with a run id: which logged checkpoint, e.g. "
                    "checkpoint0040.pth (default: the latest, checkpoint.pth)")
     p.add_argument("--checkpoint_key", default="teacher", help='"teacher" or "student" in full checkpoints')

@@ -55,7 +55,7 @@ def knn_job(weights_source: str, train_data: str, val_data: str, output_dir: str
     from dino_ray.data.augment import eval_transform
     from dino_ray.data.datasets import build_dataset
     from dino_ray.eval.features import backbone_from_weights
-    from dino_ray.eval.knn import evaluate_knn, knn_on_features
+    from dino_ray.eval.knn import evaluate_knn, knn_classifiers
 
     out = Path(output_dir)
     weights = resolve(weights_source, tracking_uri, checkpoint, out)
@@ -88,7 +88,7 @@ def knn_job(weights_source: str, train_data: str, val_data: str, output_dir: str
         finally:
             if started:
                 ray.shutdown()
-        results = knn_on_features(*train, *val, nb_knn, temperature)
+        results = knn_classifiers(*train, *val, nb_knn, temperature)
     for k, (top1, top5) in results.items():
         print(f"{k}-NN classifier result: Top1: {top1:.2f}, Top5: {top5:.2f}")
     record = {"weights": weights_source, "checkpoint_epoch": weights.epoch, "pretraining_run": weights.run_id,

@@ -74,9 +74,5 @@ def evaluate_knn(backbone: torch.nn.Module, train_dataset: Optional[Dataset], va
     if dump_features:
         save_features(dump_features, "train", train_f, train_l)
         save_features(dump_features, "val", val_f, val_l)
-    return knn_on_features(train_f, train_l, val_f, val_l, nb_knn, temperature)
-
-
-def knn_on_features(train_f: torch.Tensor, train_l: torch.Tensor, val_f: torch.Tensor, val_l: torch.Tensor,
-                    nb_knn: Sequence[int], temperature: float) -> dict[int, tuple[float, float]]:
     return knn_classifiers(train_f, train_l, val_f, val_l, nb_knn, temperature)
+

@@ -30,6 +30,7 @@ from ray.train.torch import TorchTrainer
 from dino_ray.config import DINOConfig, build_config
 from dino_ray.eval.monitor import knn_monitor
 from dino_ray.logs import log_to_stderr
+from dino_ray.storage import is_uri
 from dino_ray.train.checkpoint import RUN_ID_FILE, load_checkpoint, strip_module_prefix
 from dino_ray.train.loop import build_student_teacher, train_dino
 
@@ -197,7 +198,7 @@ def build_trainer(cfg: DINOConfig, resume_from: Optional[str] = None, job_id: Op
 def absolute_data_paths(cfg: DINOConfig) -> DINOConfig:
     """Ray's worker processes do not start in this folder: give them local paths as this process sees them."""
     def resolve(path: Optional[str]) -> Optional[str]:
-        return str(Path(path).resolve()) if path and "://" not in path and Path(path).exists() else path
+        return str(Path(path).resolve()) if path and not is_uri(path) and Path(path).exists() else path
 
     evals = dataclasses.replace(cfg.eval, knn_train_data=resolve(cfg.eval.knn_train_data),
                                 knn_val_data=resolve(cfg.eval.knn_val_data))
