@@ -1,8 +1,7 @@
 """Files on cloud storage (``s3://``, ``gs://``, ...) through pyarrow's filesystems, the ones Ray Train writes with.
 
 Checkpoints reported to a cloud ``run.storage_path`` survive the loss of any node; these helpers read
-them back (for ``--resume-from`` and the evaluations' ``--pretrained_weights``) and keep a sweep's
-small records beside its trials. Credentials and endpoints come from the environment as for any
+them back (for ``--resume-from`` and the evaluations' ``--pretrained_weights``). Credentials and endpoints come from the environment as for any
 pyarrow / boto3 client: instance roles on a cloud, ``AWS_ENDPOINT_URL`` for an S3-compatible server
 (MinIO, or the local one the tests start).
 """
@@ -34,24 +33,6 @@ def fetch(uri: str, target_dir: str | Path) -> Path:
     pafs.copy_files(path, str(local.resolve()), source_filesystem=filesystem,
                     destination_filesystem=pafs.LocalFileSystem())
     return local
-
-
-def read_text(location: str | Path) -> str:
-    if not is_uri(location):
-        return Path(location).read_text()
-    filesystem, path = pafs.FileSystem.from_uri(str(location))
-    with filesystem.open_input_stream(path) as stream:
-        return stream.read().decode()
-
-
-def write_text(location: str | Path, text: str) -> None:
-    if not is_uri(location):
-        Path(location).parent.mkdir(parents=True, exist_ok=True)
-        Path(location).write_text(text)
-        return
-    filesystem, path = pafs.FileSystem.from_uri(str(location))
-    with filesystem.open_output_stream(path) as stream:
-        stream.write(text.encode())
 
 
 def exists(location: str | Path) -> bool:

@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from dino_ray.data import convert
 from dino_ray.data.convert import PLAN_FILE, SKIPPED_FILE, convert_images, shard_name
 from dino_ray.data.datasets import build_dataset
 
@@ -33,7 +34,7 @@ def read_rows(target):
     return pq.read_table(sorted(target.glob("part-*.parquet"))).to_pylist()
 
 
-def test_image_folder_round_trips_labels_and_pixels_and_resumes(tmp_path):
+def test_image_folder_round_trips_labels_and_pixels_and_resumes(tmp_path, monkeypatch):
     pixels = make_image_folder(tmp_path / "src")
     summary = convert_images(tmp_path / "src", tmp_path / "out", rows_per_shard=5, use_ray=False)
     assert summary == {"rows": 12, "skipped": 2, "shards": 3, "classes": 3, "target": str(tmp_path / "out")}
@@ -49,12 +50,27 @@ def test_image_folder_round_trips_labels_and_pixels_and_resumes(tmp_path):
     dataset = build_dataset(tmp_path / "out")  # what pretraining and evaluation read
     assert len(dataset) == 12 and sorted(dataset.targets) == [0] * 4 + [1] * 4 + [2] * 4
 
-    # an interrupted conversion: shard 1 never finished; a rerun writes it alone
-    (tmp_path / "out" / shard_name(1)).unlink()
-    kept = {i: (tmp_path / "out" / shard_name(i)).stat().st_mtime_ns for i in (0, 2)}
-    assert convert_images(tmp_path / "src", tmp_path / "out", rows_per_shard=5, use_ray=False) == summary
-    assert {i: (tmp_path / "out" / shard_name(i)).stat().st_mtime_ns for i in (0, 2)} == kept
-    assert read_rows(tmp_path / "out") == rows
+    # a conversion that dies while writing shard 2, after shards 0 and 1 (which hold both skipped files):
+    # a rerun writes shard 2 alone and still reports the files that shards 0 and 1 left out
+    real_convert_shard = convert.convert_shard
+
+    def dies_on_the_last_shard(root, files, labels, target):
+        if target.endswith(shard_name(2)):
+            raise KeyboardInterrupt
+        real_convert_shard(root, files, labels, target)
+
+    monkeypatch.setattr(convert, "convert_shard", dies_on_the_last_shard)
+    with pytest.raises(KeyboardInterrupt):
+        convert_images(tmp_path / "src", tmp_path / "again", rows_per_shard=5, use_ray=False)
+    monkeypatch.undo()
+    assert not (tmp_path / "again" / shard_name(2)).exists() and not (tmp_path / "again" / SKIPPED_FILE).exists()
+    kept = {i: (tmp_path / "again" / shard_name(i)).stat().st_mtime_ns for i in (0, 1)}
+    assert convert_images(tmp_path / "src", tmp_path / "again", rows_per_shard=5, use_ray=False) == \
+        {**summary, "target": str(tmp_path / "again")}
+    assert {i: (tmp_path / "again" / shard_name(i)).stat().st_mtime_ns for i in (0, 1)} == kept
+    assert read_rows(tmp_path / "again") == rows
+    with open(tmp_path / "again" / SKIPPED_FILE) as report:
+        assert {row["path"] for row in csv.DictReader(report)} == {"dog/broken.jpg", "cat/notes.txt"}
     with pytest.raises(ValueError, match=f"rows_per_shard differ from {tmp_path / 'out' / PLAN_FILE}"):
         convert_images(tmp_path / "src", tmp_path / "out", rows_per_shard=4, use_ray=False)
 

@@ -5,10 +5,11 @@ shards are not, and both the DataLoader mode and Ray Data read them (``dino_ray.
 Each row keeps the file's encoded bytes unchanged (no re-encoding: pixels round-trip exactly), its
 label, class name and path relative to the source. Shards are converted in parallel Ray tasks (or
 in this process with ``use_ray=False``), each written under a temporary name and renamed when
-complete, so an interrupted conversion resumes where it stopped; a plan file (``_plan.json``) ties
-the shards to the source's file list. Files that do not decode as images (corrupt, or not images at
-all) are skipped and listed with the reason in ``_skipped.csv``; a final pass reads every shard back,
-checks its row count and decodes every image.
+complete, so an interrupted conversion resumes where it stopped; a plan file (``_plan.json``, written
+before any shard) ties the shards to the source's file list. Files that do not decode as images
+(corrupt, or not images at all) are skipped; each shard records its own skipped files in its Parquet
+metadata, so the report (``_skipped.csv``, with the reasons) is rebuilt from the shards however many
+runs wrote them. A final pass reads every shard back, checks its row count and decodes every image.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from tqdm import tqdm
 log = logging.getLogger(__name__)
 
 PLAN_FILE, SKIPPED_FILE = "_plan.json", "_skipped.csv"
+SKIPPED_KEY = b"dino_ray.skipped"  # a shard's metadata: JSON [[path, reason], ...] of the files it left out
 SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int64()), ("class_name", pa.string()),
                     ("path", pa.string())])
 
@@ -60,8 +62,8 @@ def shard_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
 
-def convert_shard(root: str, files: list[tuple[str, str]], labels: dict[str, int], target: str) -> list[list[str]]:
-    """Write one shard of the files that decode; returns ``[path, reason]`` of those skipped."""
+def convert_shard(root: str, files: list[tuple[str, str]], labels: dict[str, int], target: str) -> None:
+    """Write one shard of the files that decode, with ``[path, reason]`` of those skipped in its metadata."""
     rows: dict[str, list[Any]] = {name: [] for name in SCHEMA.names}
     skipped = []
     for relative, class_name in files:
@@ -74,9 +76,13 @@ def convert_shard(root: str, files: list[tuple[str, str]], labels: dict[str, int
         for name, value in zip(SCHEMA.names, (data, labels[class_name], class_name, relative)):
             rows[name].append(value)
     partial = Path(target).with_suffix(".parquet.partial")
-    pq.write_table(pa.table(rows, schema=SCHEMA), partial)
+    schema = SCHEMA.with_metadata({SKIPPED_KEY: json.dumps(skipped).encode()})
+    pq.write_table(pa.table(rows, schema=schema), partial)
     partial.rename(target)  # complete shards only ever have their final name
-    return skipped
+
+
+def shard_skipped(path: str | Path) -> list[list[str]]:
+    return json.loads(pq.read_schema(path).metadata[SKIPPED_KEY])
 
 
 def verify_shard(path: str, expected_rows: int) -> Optional[str]:
@@ -130,27 +136,23 @@ def convert_images(source: str | Path, target: str | Path, rows_per_shard: int =
         if changed:
             raise ValueError(f"'{target}' holds a conversion of another source or layout ({', '.join(changed)} "
                              f"differ from {plan_path}): convert into an empty folder")
-        skipped_before = previous.get("skipped", {})
-    else:
-        skipped_before = {}
+    plan_path.write_text(json.dumps(plan, indent=1))  # before any shard: a resumed run checks it
     todo = [i for i in range(len(shards)) if not (target / shard_name(i)).exists()]
     log.info("converting %d files of %d classes from %s into %d shards in %s (%d already done)", len(files),
              len(classes), root, len(shards), target, len(shards) - len(todo))
-    results = _run([(convert_shard, (str(root), shards[i], labels, str(target / shard_name(i)))) for i in todo],
-                   use_ray, "convert")
-    skipped = {**skipped_before, **{str(i): result for i, result in zip(todo, results)}}
-    plan["skipped"] = skipped
-    plan_path.write_text(json.dumps(plan, indent=1))
+    _run([(convert_shard, (str(root), shards[i], labels, str(target / shard_name(i)))) for i in todo],
+         use_ray, "convert")
+    skipped = [shard_skipped(target / shard_name(i)) for i in range(len(shards))]
     with open(target / SKIPPED_FILE, "w", newline="") as report:
         writer = csv.writer(report)
         writer.writerow(["path", "reason"])
-        writer.writerows(row for i in sorted(skipped, key=int) for row in skipped[i])
-    expected = [len(shard) - len(skipped.get(str(i), [])) for i, shard in enumerate(shards)]
+        writer.writerows(row for rows in skipped for row in rows)
+    expected = [len(shard) - len(left_out) for shard, left_out in zip(shards, skipped)]
     problems = [p for p in _run([(verify_shard, (str(target / shard_name(i)), n)) for i, n in enumerate(expected)],
                                 use_ray, "verify") if p]
     if problems:
         raise RuntimeError(f"conversion into '{target}' failed verification: {'; '.join(problems)}")
-    summary = {"rows": sum(expected), "skipped": sum(len(v) for v in skipped.values()), "shards": len(shards),
+    summary = {"rows": sum(expected), "skipped": sum(len(v) for v in skipped), "shards": len(shards),
                "classes": len(classes), "target": str(target)}
     log.info("converted: %s; skipped files listed in %s", json.dumps(summary), target / SKIPPED_FILE)
     return summary
