@@ -31,6 +31,7 @@ benchmark: venv
 	$(BIN)/python benchmarks/ray_overhead.py
 	$(BIN)/python benchmarks/knn.py
 	$(BIN)/python benchmarks/augment.py
+	$(BIN)/python benchmarks/input_pipeline.py
 
 clean:
 	rm -rf $(QUICK) .pytest_cache

@@ -1,14 +1,17 @@
-"""Multi-crop augmentation throughput per CPU core: the reference's PIL pipeline vs torchvision v2 on tensors.
+"""Multi-crop augmentation throughput per CPU core: the reference's PIL pipeline vs torchvision v2 vs our batched one.
 
-The first measurement of issue #7's choice of augmentation backend. Both produce DINO's views
-(2 global + N local crops: RandomResizedCrop bicubic, flip 0.5, colour jitter 0.8, grayscale 0.2,
-Gaussian blur 1.0 / 0.1 / 0.5 with std U(radius range), solarize 0.2 on the second global view,
-ImageNet normalisation) from the encoded JPEG bytes, decode included, one thread:
-- ``reference_pil``: PIL decode + ``DataAugmentationDINO`` (the reference's transforms, one view at a time)
-- ``tv2_tensor``: ``torchvision.io.decode_jpeg`` + the same steps as ``torchvision.transforms.v2`` on uint8
-  tensors (the blur as a Gaussian kernel of std = PIL's radius, 6 std wide)
+Issue #7's choice of augmentation. All three produce DINO's views (2 global + N local crops:
+RandomResizedCrop bicubic, flip 0.5, colour jitter 0.8, grayscale 0.2, Gaussian blur 1.0 / 0.1 / 0.5 with std
+U(radius range), solarize 0.2 on the second global view, ImageNet normalisation) from the encoded JPEG bytes,
+decode included (PIL for all), one thread:
+- ``reference_pil``: ``DataAugmentationDINO`` (the reference's transforms, one view of one image at a time)
+- ``tv2_tensor``: the same steps as ``torchvision.transforms.v2`` on uint8 tensors, one view at a time (the blur
+  as a Gaussian kernel of std = PIL's radius, 6 std wide)
+- ``batched``: ``BatchedDataAugmentationDINO`` (dino_ray/data/batched_augment.py), 64 images a call: what
+  ``augmentation: batched`` runs in a DataLoader worker or a Ray Data task
 Settings: CIFAR-10 at its own 32 px (global 32, local 16, 2 local crops, blur radius 0.1-0.5: the CPU
-recipe) and upscaled to 224 px (global 224, local 96, 8 local crops, radius 0.1-2.0: the paper's).
+recipe) and upscaled to 224 px (global 224, local 96, 8 local crops, radius 0.1-2.0: the paper's). The
+pipelines take turns, ``--repeats`` times, and the best pass of each counts (this VM's speed drifts).
 
 Usage: ``python benchmarks/augment.py [--images N] [--out FILE]``; saves benchmarks/results/augment.json.
 """
@@ -26,10 +29,11 @@ from typing import Callable
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
-from torchvision.io import decode_jpeg
 from torchvision.transforms import v2
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 from dino_ray.data.augment import IMAGENET_MEAN, IMAGENET_STD, DataAugmentationDINO
+from dino_ray.data.batched_augment import BatchedDataAugmentationDINO
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets" / "cifar10" / "train" / "part-00000.parquet"
@@ -56,13 +60,24 @@ def encoded_images(count: int, size: int) -> list[bytes]:
     return out
 
 
-def reference_pil(s: dict) -> Callable[[bytes], list[torch.Tensor]]:
+BATCH = 64
+
+
+def decode(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def reference_pil(s: dict) -> Callable[[list[bytes]], None]:
     aug = DataAugmentationDINO(s["global_scale"], s["local_scale"], s["local_number"], s["global_size"],
                                s["local_size"], s["radius"])
-    return lambda data: aug(Image.open(io.BytesIO(data)).convert("RGB"))
+
+    def run(images: list[bytes]) -> None:
+        for data in images:
+            aug(decode(data))
+    return run
 
 
-def tv2_tensor(s: dict) -> Callable[[bytes], list[torch.Tensor]]:
+def tv2_tensor(s: dict) -> Callable[[list[bytes]], None]:
     low, high = s["radius"]
     kernel = 2 * math.ceil(3 * high) + 1
 
@@ -81,30 +96,44 @@ def tv2_tensor(s: dict) -> Callable[[bytes], list[torch.Tensor]]:
     second = view(s["global_size"], s["global_scale"], 0.1, 0.2)
     local = view(s["local_size"], s["local_scale"], 0.5, 0.0)
 
-    def run(data: bytes) -> list[torch.Tensor]:
-        image = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-        return [first(image), second(image)] + [local(image) for _ in range(s["local_number"])]
+    def run(images: list[bytes]) -> None:
+        for data in images:
+            image = pil_to_tensor(decode(data))
+            first(image), second(image)
+            for _ in range(s["local_number"]):
+                local(image)
     return run
 
 
-PIPELINES = {"reference_pil": reference_pil, "tv2_tensor": tv2_tensor}
+def batched(s: dict) -> Callable[[list[bytes]], None]:
+    aug = BatchedDataAugmentationDINO(s["global_scale"], s["local_scale"], s["local_number"], s["global_size"],
+                                      s["local_size"], s["radius"])
+
+    def run(images: list[bytes]) -> None:
+        for start in range(0, len(images), BATCH):
+            aug([pil_to_tensor(decode(data)) for data in images[start:start + BATCH]])
+    return run
 
 
-def measure(pipeline: Callable[[bytes], list[torch.Tensor]], images: list[bytes], repeats: int) -> float:
-    """Images per second, best of ``repeats`` passes (the first pass warms caches)."""
-    pipeline(images[0])
-    best = 0.0
+PIPELINES = {"reference_pil": reference_pil, "tv2_tensor": tv2_tensor, "batched": batched}
+
+
+def measure(pipelines: dict[str, Callable[[list[bytes]], None]], images: list[bytes], repeats: int) -> dict:
+    """Images per second of each pipeline, best of ``repeats`` passes taken in turns (after a warm-up call)."""
+    best = dict.fromkeys(pipelines, 0.0)
+    for run in pipelines.values():
+        run(images[:4])
     for _ in range(repeats):
-        start = time.perf_counter()
-        for data in images:
-            pipeline(data)
-        best = max(best, len(images) / (time.perf_counter() - start))
-    return best
+        for name, run in pipelines.items():
+            start = time.perf_counter()
+            run(images)
+            best[name] = max(best[name], len(images) / (time.perf_counter() - start))
+    return {name: round(rate, 1) for name, rate in best.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "augment.json"))
     args = parser.parse_args()
@@ -112,8 +141,9 @@ def main() -> None:
     results = {"machine": platform.processor() or platform.machine(), "threads": 1, "images": args.images}
     for name, setting in SETTINGS.items():
         images = encoded_images(args.images, setting["size"])
-        rates = {p: round(measure(make(setting), images, args.repeats), 1) for p, make in PIPELINES.items()}
+        rates = measure({name: make(setting) for name, make in PIPELINES.items()}, images, args.repeats)
         rates["tv2_over_reference"] = round(rates["tv2_tensor"] / rates["reference_pil"], 2)
+        rates["batched_over_reference"] = round(rates["batched"] / rates["reference_pil"], 2)
         results[name] = {**rates, "views": 2 + setting["local_number"]}
         print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in rates.items()) + " (images/s per core)", flush=True)
     Path(args.out).write_text(json.dumps(results, indent=2))

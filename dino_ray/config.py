@@ -73,8 +73,19 @@ class EvalSection:
     knn_sync: bool = False  # run the monitor on rank 0 inside the epoch's report (sweeps: Tune sees its metric)
 
 
+@dataclass
+class RayDataSection:
+    """``data_loader: ray_data``: Ray Data reads, shuffles, decodes and multi-crops in CPU tasks beside the training
+    workers. Its tasks need CPUs the workers do not hold (``scaling.resources_per_worker``): checked at start."""
+    num_cpus: float = 1.0  # CPUs of one decode + multi-crop task
+    batch_size: int = 64  # images per task call (the batched augmentation's batch)
+    audit_dir: Optional[str] = None  # write the path of every image each rank trained on, per epoch
+
+
 SECTIONS = {"scaling": ScalingSection, "run": RunSection, "failure": FailureSection, "tracking": TrackingSection,
-            "eval": EvalSection}
+            "eval": EvalSection, "ray_data": RayDataSection}
+DATA_LOADERS = ("torch", "ray_data")
+AUGMENTATIONS = ("reference", "batched")
 
 
 @dataclass
@@ -129,6 +140,8 @@ class DINOConfig:
     fused_optimizer: bool = False  # torch's fused AdamW/SGD kernels
     torch_compile: bool = False  # torch.compile the student and teacher
     max_images: Optional[int] = None  # use only the first N images of data_path
+    data_loader: str = "torch"  # torch: DataLoader + DistributedSampler (the reference); ray_data: Ray Data tasks
+    augmentation: str = "reference"  # reference: PIL image by image; batched: tensor ops on a batch (same views)
     log_freq: int = 10  # iterations between per-iteration metrics (progress bar, MLflow iter/*)
     # --- Ray and MLflow, in sections named after Ray's own objects ---
     scaling: ScalingSection = field(default_factory=ScalingSection)
@@ -136,6 +149,7 @@ class DINOConfig:
     failure: FailureSection = field(default_factory=FailureSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    ray_data: RayDataSection = field(default_factory=RayDataSection)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML/JSON-ready values; sections as nested dicts."""
@@ -189,6 +203,13 @@ def _validate(cfg: DINOConfig) -> None:
     problems = []
     if cfg.arch not in ARCHS:
         problems.append(f"arch '{cfg.arch}' is unknown (choose from {', '.join(ARCHS)})")
+    if cfg.data_loader not in DATA_LOADERS:
+        problems.append(f"data_loader '{cfg.data_loader}' is unknown (choose from {', '.join(DATA_LOADERS)})")
+    if cfg.augmentation not in AUGMENTATIONS:
+        problems.append(f"augmentation '{cfg.augmentation}' is unknown (choose from {', '.join(AUGMENTATIONS)})")
+    if cfg.ray_data.num_cpus <= 0 or cfg.ray_data.batch_size < 1:
+        problems.append(f"ray_data.num_cpus must be > 0 and ray_data.batch_size >= 1, got {cfg.ray_data.num_cpus} "
+                        f"and {cfg.ray_data.batch_size}")
     if cfg.optimizer not in OPTIMIZERS:
         problems.append(f"optimizer '{cfg.optimizer}' is unknown (choose from {', '.join(OPTIMIZERS)})")
     for key in ("lr", "min_lr", "weight_decay", "weight_decay_end", "clip_grad", "drop_path_rate",

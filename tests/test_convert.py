@@ -2,6 +2,7 @@
 import csv
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -75,13 +76,24 @@ def test_image_folder_round_trips_labels_and_pixels_and_resumes(tmp_path, monkey
         convert_images(tmp_path / "src", tmp_path / "out", rows_per_shard=4, use_ray=False)
 
 
-def test_ray_tasks_write_the_same_shards_and_a_file_list_works(tmp_path):
+def test_ray_tasks_write_the_same_shards_and_a_file_list_works(tmp_path, tiny_cfg):
+    """The conversion in Ray tasks; then Ray Data (``data_loader: ray_data``) reads the folder and the shards as
+    the same 12 images, each multi-cropped in a Ray Data task, the broken file dropped there."""
     ray = pytest.importorskip("ray")
+    from dino_ray.data.ray_data import VIEW, count_images, image_dataset, multicrop_batch
+
     make_image_folder(tmp_path / "src")
     convert_images(tmp_path / "src", tmp_path / "here", rows_per_shard=5, use_ray=False)
+    config = tiny_cfg(augmentation="batched").to_dict()
     ray.init(num_cpus=2, log_to_driver=False)
     try:
         summary = convert_images(tmp_path / "src", tmp_path / "ray", rows_per_shard=5)
+        for source, listed in [(tmp_path / "src", 14), (tmp_path / "ray", 12)]:
+            assert count_images(str(source)) == listed and count_images(str(source), 3) == 3
+            rows = image_dataset(str(source)).map_batches(multicrop_batch, fn_kwargs={"config": config},
+                                                          batch_format="numpy", batch_size=4).take_all()
+            assert sorted(Path(row["path"]).name for row in rows) == sorted([f"{i}.png" for i in range(4)] * 3)
+            assert all(row[VIEW.format(0)].shape == (3, 16, 16) for row in rows)
     finally:
         ray.shutdown()
     assert summary["rows"] == 12 and read_rows(tmp_path / "ray") == read_rows(tmp_path / "here")

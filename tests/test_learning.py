@@ -28,21 +28,21 @@ def test_cpu_recipe_learns_on_cifar10_and_is_tracked(tmp_path):
     client = MlflowClient(summary["tracking_uri"])
     assert summary["tracking_uri"] == f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}"
     pretraining = client.get_run(summary["mlflow_run_id"])
-    assert pretraining.info.status == "FINISHED" and pretraining.data.params["epochs"] == "5"
-    assert [m.step for m in client.get_metric_history(pretraining.info.run_id, "loss")] == list(range(5))
+    assert pretraining.info.status == "FINISHED" and pretraining.data.params["epochs"] == "6"
+    assert [m.step for m in client.get_metric_history(pretraining.info.run_id, "loss")] == list(range(6))
     per_iteration = client.get_metric_history(pretraining.info.run_id, "iter/loss")
-    assert len(per_iteration) >= 5 * 5  # 50 iterations per epoch, every log_freq=10th
+    assert len(per_iteration) >= 6 * 5  # 50 iterations per epoch, every log_freq=10th
     assert pretraining.data.metrics["peak_rss_mb"] > 100
-    # the k-NN monitor (Ray validation tasks, knn_every 2) evaluated the checkpoints of epochs 2, 4 and the last
-    assert sorted(m.step for m in client.get_metric_history(pretraining.info.run_id, "knn_top1_k20")) == [1, 3, 4]
-    assert {a.path for a in client.list_artifacts(pretraining.info.run_id, "attention/epoch0004")} == \
-        {"attention/epoch0004/img00.png", "attention/epoch0004/img01.png"}
+    # the k-NN monitor (Ray validation tasks, knn_every 2) evaluated the checkpoints of epochs 2, 4 and 6
+    assert sorted(m.step for m in client.get_metric_history(pretraining.info.run_id, "knn_top1_k20")) == [1, 3, 5]
+    assert {a.path for a in client.list_artifacts(pretraining.info.run_id, "attention/epoch0005")} == \
+        {"attention/epoch0005/img00.png", "attention/epoch0005/img01.png"}
     children = client.search_runs([pretraining.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{pretraining.info.run_id}'")
     by_name = {run.info.run_name: run for run in children}
     assert set(by_name) == {"knn", "attention"}
     assert by_name["knn"].data.metrics["top1_k20"] == pytest.approx(knn["pretrained"]["top1"])
-    assert by_name["knn"].data.tags["dino_ray.checkpoint_epoch"] == "5"
+    assert by_name["knn"].data.tags["dino_ray.checkpoint_epoch"] == "6"
     figures = [a.path for a in client.list_artifacts(by_name["attention"].info.run_id, "attention/img00")]
     assert figures == ["attention/img00/attention.png"]
     assert len(list(Path(summary["attention"]).glob("img0*/attn-head*.png"))) == 4 * 4  # 4 images x 4 heads

@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -21,9 +22,11 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 
 from dino_ray import build_backbone, load_pretrained_weights  # noqa: E402
+from dino_ray.data.ray_data import count_images, image_dataset  # noqa: E402
 from dino_ray.eval.weights import resolve_weights  # noqa: E402
 
 from dino_ray.tracking import tracking_uri  # noqa: E402
+from dino_ray.train.loop import train_dino  # noqa: E402
 from dino_ray.train.ray_trainer import pretrain_on_ray  # noqa: E402
 
 
@@ -46,57 +49,65 @@ def epoch_losses(result_path):
     return [json.loads(line)["train_loss"] for line in open(f"{result_path}/log.txt")]
 
 
-def test_two_workers_train_and_resume_from_an_mlflow_run(local_ray, tiny_cfg, tmp_path, monkeypatch):
+def test_two_workers_train_and_resume_from_an_mlflow_run(local_ray, tiny_cfg, cifar_rows, tmp_path, monkeypatch):
+    """2 Ray Train workers fed by Ray Data (decode and batched multi-crop in Ray tasks, on the CPU the workers
+    leave free) against one process with the DataLoader and the reference augmentation: the same curve, every
+    image once per epoch; then a 1-worker run resumes from the 2-worker run's MLflow run id."""
     one = tiny_cfg(epochs=2, batch_size_per_gpu=16, output_dir=str(tmp_path / "one"))
-    two = tiny_cfg(epochs=2, batch_size_per_gpu=8, scaling={"num_workers": 2}, output_dir=str(tmp_path / "two"),
+    two = tiny_cfg(epochs=2, batch_size_per_gpu=8, scaling={"num_workers": 2, "resources_per_worker": {"CPU": 0.5}},
+                   output_dir=str(tmp_path / "two"), data_loader="ray_data", augmentation="batched",
+                   ray_data={"num_cpus": 1, "batch_size": 32, "audit_dir": str(tmp_path / "audit")},
                    **{"tracking.log_model": True})
-    result_one = pretrain_on_ray(one)
+    train_dino(one, show_progress=False)
     result_two = pretrain_on_ray(two)
-    uri_one = tracking_uri(one)  # before MLFLOW_TRACKING_URI is set below, which tracking_uri() would follow
     b_dir = tmp_path / "two_checkpoint"
     result_two.checkpoint.to_directory(str(b_dir))
-    with result_one.checkpoint.as_directory() as a:
-        losses_one, losses_two = epoch_losses(a), epoch_losses(b_dir)
+    losses_one, losses_two = epoch_losses(one.output_dir), epoch_losses(b_dir)
     ckpt = torch.load(f"{b_dir}/checkpoint.pth", weights_only=True)
     assert ckpt["epoch"] == 2 and len(losses_two) == 2
-    # same total batch (16): the all-reduced centre, the sampler and the lr scaling give the same curve
+    # same total batch (16): the all-reduced centre, the sharding and the lr scaling give the same curve
     # up to the ranks' different augmentation draws
     for x, y in zip(losses_one, losses_two):
         assert abs(x - y) / x < 0.05, (losses_one, losses_two)
+    images = sorted(pq.read_table(cifar_rows, columns=["path"]).column("path").to_pylist()[:128])
+    for epoch in (0, 1):
+        seen = [(tmp_path / "audit" / f"epoch{epoch:04d}_rank{rank}.txt").read_text().split() for rank in (0, 1)]
+        assert len(seen[0]) == len(seen[1]) == 64 and sorted(seen[0] + seen[1]) == images
 
-    client = MlflowClient(tracking_uri(two))
+    uri_two = tracking_uri(two)  # before MLFLOW_TRACKING_URI is set below, which tracking_uri() would follow
+    client = MlflowClient(uri_two)
     (run,) = client.search_runs([client.get_experiment_by_name("dino-ray").experiment_id],
                                 filter_string="tags.num_workers = '2'")
     assert run.data.params["scaling.num_workers"] == "2" and run.data.params["lr"] == str(two.lr)
+    assert run.data.params["data_loader"] == "ray_data"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [0, 1]
     assert {"teacher_entropy", "kl_teacher_student", "peak_rss_mb", "iter/loss"} <= set(run.data.metrics)
     assert len(client.get_metric_history(run.info.run_id, "iter/loss")) == 2 * 2  # 8 iterations, log_freq 10
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)} | \
         {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
     assert {"log.txt", "config.yaml", "checkpoints/checkpoint.pth", "checkpoints/teacher_backbone.pth"} <= artifacts
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri(two))  # scoped to this test, unlike set_tracking_uri
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri_two)  # scoped to this test, unlike set_tracking_uri
     model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/teacher_backbone")
     backbone = build_backbone("vit_tiny", 4, img_size=16, embed_dim=32, depth=1, num_heads=2)
     load_pretrained_weights(backbone, f"{b_dir}/checkpoint.pth", "teacher")
     x = torch.randn(2, 3, 16, 16)
     assert torch.allclose(model.eval()(x), backbone.eval()(x), atol=1e-6)
 
-    # --resume-from an MLflow run id: a new Ray run (other name and storage) continues the 1-worker run's
-    # checkpoint and its MLflow run, in the same store
-    client_one = MlflowClient(uri_one)
-    (run_one,) = client_one.search_runs([client_one.get_experiment_by_name("dino-ray").experiment_id])
+    # --resume-from an MLflow run id: a new Ray run (other name and storage, 1 worker, the DataLoader) continues
+    # the 2-worker run's checkpoint and its MLflow run, in the same store
     more = tiny_cfg(epochs=3, batch_size_per_gpu=16, output_dir=str(tmp_path / "more"),
-                    tracking={"tracking_uri": uri_one})
-    result = pretrain_on_ray(more, resume_from=run_one.info.run_id)
+                    tracking={"tracking_uri": uri_two})
+    result = pretrain_on_ray(more, resume_from=run.info.run_id)
     assert result.error is None and result.checkpoint is not None, result.error
     with result.checkpoint.as_directory() as folder:
         assert [json.loads(line)["epoch"] for line in open(f"{folder}/log.txt")] == [2]  # 0 and 1 came from MLflow
-    assert [m.step for m in client_one.get_metric_history(run_one.info.run_id, "loss")] == [0, 1, 2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [0, 1, 2]
     with pytest.raises(FileNotFoundError, match="neither a checkpoint file nor an MLflow run"):
         pretrain_on_ray(more, resume_from="0123456789abcdef")
 
 
-def test_checkpoints_and_artifacts_on_s3_and_a_resume_from_there_alone(local_ray, s3_server, tiny_cfg, tmp_path):
+def test_checkpoints_and_artifacts_on_s3_and_a_resume_from_there_alone(local_ray, s3_server, tiny_cfg, cifar_rows,
+                                                                       tmp_path):
     """Everything on the (local) S3 server: Ray's checkpoints and MLflow's artifacts. A new driver with no
     local file of the run (the first one's machine is gone) resumes from the bucket and continues the MLflow
     run. A worker or node lost mid-run is restored the same way, from the storage (test_ray_job.py)."""
@@ -125,6 +136,15 @@ def test_checkpoints_and_artifacts_on_s3_and_a_resume_from_there_alone(local_ray
     s3, _ = pafs.FileSystem.from_uri(s3_server)  # as Ray and MLflow reach it: through AWS_ENDPOINT_URL
     stored = {info.path for info in s3.get_file_info(pafs.FileSelector("dino-ray/mlartifacts", recursive=True))}
     assert f"dino-ray/mlartifacts/{run.info.run_id}/artifacts/checkpoints/checkpoint.pth" in stored
+
+    # Ray Data (data_loader: ray_data) reads training data from the bucket as from a local file
+    s3.create_dir("dino-ray/data")
+    with s3.open_output_stream("dino-ray/data/rows.parquet") as out:
+        out.write(cifar_rows.read_bytes())
+    assert count_images(f"{s3_server}/data") == 256
+    rows = image_dataset(f"{s3_server}/data", max_images=8).take_all()
+    local = pq.read_table(cifar_rows).slice(0, 256).to_pydict()
+    assert len(rows) == 8 and all(local["image"][local["path"].index(row["path"])] == row["image"] for row in rows)
 
     # an evaluation reads the checkpoint straight from the storage and finds its MLflow run beside it
     weights = resolve_weights(f"{s3_server}/ray_results/s3run/checkpoint_epoch0002/checkpoint.pth",

@@ -17,7 +17,8 @@ import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from functools import partial
+from typing import Any, Callable, Iterable, Optional, Protocol
 
 import numpy as np
 import torch
@@ -26,9 +27,9 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from dino_ray.config import DINOConfig, save_config
-from dino_ray.data.augment import DataAugmentationDINO
-from dino_ray.data.datasets import build_dataset, collate_skipping_bad
+from dino_ray.config import ConfigError, DINOConfig, save_config
+from dino_ray.data.datasets import build_dataset
+from dino_ray.data.views import build_augmentation, collate_views
 from dino_ray.loss import DINOLoss
 from dino_ray.models.backbones import build_backbone
 from dino_ray.models.head import DINOHead
@@ -41,6 +42,14 @@ log = logging.getLogger(__name__)
 
 EpochCallback = Callable[[int, dict[str, Any], Path], None]
 StepCallback = Callable[[int, dict[str, float]], None]
+
+
+class EpochBatches(Protocol):
+    """One epoch of ``(views, labels, number_skipped)`` batches and its length: a DataLoader or a Ray Data shard."""
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterable[tuple[Optional[list[torch.Tensor]], torch.Tensor, int]]: ...
 
 
 def memory_stats(device: torch.device) -> dict[str, float]:
@@ -120,7 +129,8 @@ def build_schedules(cfg: DINOConfig, niter_per_ep: int, world_size: int) -> Sche
     )
 
 
-def build_loader(cfg: DINOConfig, rank: int, world_size: int, epoch: int, dataset: Any) -> DataLoader:
+def build_loader(cfg: DINOConfig, rank: int, world_size: int, epoch: int, dataset: Any,
+                 collate_fn: Callable[[list], Any]) -> DataLoader:
     """Each image once per epoch across ranks (DistributedSampler with a shared seed); the loader's
     workers are seeded from (seed, rank, epoch), so a resumed epoch sees the same order and crops."""
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed,
@@ -128,7 +138,7 @@ def build_loader(cfg: DINOConfig, rank: int, world_size: int, epoch: int, datase
     sampler.set_epoch(epoch)
     generator = torch.Generator().manual_seed(seed_everything(cfg.seed, rank, epoch))
     loader = DataLoader(dataset, sampler=sampler, batch_size=cfg.batch_size_per_gpu, num_workers=cfg.num_workers,
-                        pin_memory=torch.cuda.is_available(), drop_last=True, collate_fn=collate_skipping_bad,
+                        pin_memory=torch.cuda.is_available(), drop_last=True, collate_fn=collate_fn,
                         generator=generator)
     if len(loader) == 0:
         raise ValueError(f"data_path '{cfg.data_path}' has {len(dataset)} images: fewer than one batch "
@@ -148,7 +158,7 @@ def precision_context(cfg: DINOConfig, device: torch.device) -> tuple[Callable[[
 
 
 def train_one_epoch(student: nn.Module, teacher: nn.Module, student_ddp: nn.Module, dino_loss: DINOLoss,
-                    loader: DataLoader, optimizer: torch.optim.Optimizer, schedules: Schedules, epoch: int,
+                    loader: EpochBatches, optimizer: torch.optim.Optimizer, schedules: Schedules, epoch: int,
                     cfg: DINOConfig, device: torch.device, autocast: Callable[[], Any],
                     fp16_scaler: Optional[Any], show_progress: bool,
                     on_step: Optional[StepCallback] = None) -> dict[str, float]:
@@ -242,11 +252,13 @@ def train_one_epoch(student: nn.Module, teacher: nn.Module, student_ddp: nn.Modu
 
 def train_dino(cfg: DINOConfig, resume_from: Optional[str | Path] = None,
                on_epoch_end: Optional[EpochCallback] = None, show_progress: bool = True,
-               on_step: Optional[StepCallback] = None, work_dir: Optional[str | Path] = None) -> dict[str, Any]:
+               on_step: Optional[StepCallback] = None, work_dir: Optional[str | Path] = None,
+               epoch_batches: Optional[Callable[[int], EpochBatches]] = None) -> dict[str, Any]:
     """Pretrain with DINO; returns the last epoch's stats. ``on_epoch_end(epoch, stats, checkpoint_path)``
     runs on every rank after the checkpoint is written (a hook for launchers and trackers); ``on_step``
     on rank 0 every ``log_freq`` iterations (see ``train_one_epoch``). Files go to ``work_dir`` when
-    given (a launcher's scratch folder), else ``cfg.output_dir``; the checkpoint's ``args`` stay ``cfg``."""
+    given (a launcher's scratch folder), else ``cfg.output_dir``; the checkpoint's ``args`` stay ``cfg``.
+    ``epoch_batches(epoch)``: another input than the DataLoader over ``cfg.data_path`` (Ray Data's shards)."""
     rank, world_size = rank_and_world()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     output_dir = Path(work_dir or cfg.output_dir)
@@ -256,10 +268,16 @@ def train_dino(cfg: DINOConfig, resume_from: Optional[str | Path] = None,
     if device.type == "cpu" and (cfg.use_fp16 or cfg.use_bf16) and rank == 0:
         log.info("mixed precision is for CUDA only: training in fp32 on CPU")
 
-    dataset = build_dataset(cfg.data_path, DataAugmentationDINO(
-        cfg.global_crops_scale, cfg.local_crops_scale, cfg.local_crops_number,
-        cfg.global_crops_size, cfg.local_crops_size, cfg.blur_radius), cfg.max_images)
-    niter_per_ep = len(build_loader(cfg, rank, world_size, 0, dataset))
+    if epoch_batches is None:
+        if cfg.data_loader != "torch":
+            raise ConfigError(f"data_loader: {cfg.data_loader} streams from a Ray cluster: run `dino-ray pretrain` "
+                              f"without --no-ray, or set data_loader: torch")
+        dataset = build_dataset(cfg.data_path, None, cfg.max_images)
+        collate = partial(collate_views, augmentation=build_augmentation(cfg))
+
+        def epoch_batches(epoch: int) -> EpochBatches:
+            return build_loader(cfg, rank, world_size, epoch, dataset, collate)
+    niter_per_ep = len(epoch_batches(0))
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank; epochs re-seed per rank in build_loader
     student, teacher = build_student_teacher(cfg)
@@ -291,7 +309,7 @@ def train_dino(cfg: DINOConfig, resume_from: Optional[str | Path] = None,
 
     stats: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.epochs):
-        loader = build_loader(cfg, rank, world_size, epoch, dataset)
+        loader = epoch_batches(epoch)
         stats = train_one_epoch(student, teacher_fwd, student_fwd, dino_loss, loader, optimizer, schedules, epoch, cfg,
                                 device, autocast, fp16_scaler, show_progress and rank == 0,
                                 on_step if rank == 0 else None)

@@ -28,6 +28,7 @@ from ray.train import (Checkpoint, CheckpointConfig, FailureConfig, RunConfig, S
 from ray.train.torch import TorchTrainer
 
 from dino_ray.config import DINOConfig, build_config
+from dino_ray.data.ray_data import multicrop_dataset, shard_epochs
 from dino_ray.eval.monitor import knn_monitor
 from dino_ray.logs import log_to_stderr
 from dino_ray.storage import is_uri
@@ -134,9 +135,12 @@ def _train_in(local_dir: Path, loop_config: dict[str, Any]) -> None:
                  metrics["peak_rss_mb"])
         tracker.log_metrics({f"iter/{k}": v for k, v in metrics.items()}, step=iteration)
 
+    epoch_batches = None
+    if cfg.data_loader == "ray_data":
+        epoch_batches = shard_epochs(cfg, loop_config["rows"], rank, context.get_world_size())
     with finishing(tracker):
         train_dino(cfg, on_epoch_end=report, show_progress=False, on_step=log_step if tracker is not None else None,
-                   work_dir=local_dir)
+                   work_dir=local_dir, epoch_batches=epoch_batches)
         if tracker is not None:
             log_final_artifacts(tracker, cfg, local_dir)
 
@@ -175,10 +179,15 @@ def build_trainer(cfg: DINOConfig, resume_from: Optional[str] = None, job_id: Op
     if cfg.eval.knn_every and not cfg.eval.knn_sync:  # the k-NN monitor, in Ray's own task per flagged checkpoint
         validation = ValidationConfig(knn_monitor, ValidationTaskConfig(fn_kwargs={"config": cfg.to_dict()}),
                                       ray_remote_kwargs={"num_cpus": cfg.eval.num_cpus})
+    datasets, rows = None, None
+    if cfg.data_loader == "ray_data":
+        views, rows = multicrop_dataset(cfg)
+        datasets = {"train": views}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "resume_from": resume_from, "job_id": job_id,
-                           "mlflow_run_id": mlflow_run_id},
+                           "mlflow_run_id": mlflow_run_id, "rows": rows},
+        datasets=datasets,
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=cfg.scaling.resources_per_worker,
                                      placement_strategy=cfg.scaling.placement_strategy),
@@ -202,7 +211,10 @@ def absolute_data_paths(cfg: DINOConfig) -> DINOConfig:
 
     evals = dataclasses.replace(cfg.eval, knn_train_data=resolve(cfg.eval.knn_train_data),
                                 knn_val_data=resolve(cfg.eval.knn_val_data))
-    return dataclasses.replace(cfg, data_path=resolve(cfg.data_path), eval=evals)
+    audit_dir = cfg.ray_data.audit_dir
+    audit_dir = str(Path(audit_dir).resolve()) if audit_dir and not is_uri(audit_dir) else audit_dir
+    return dataclasses.replace(cfg, data_path=resolve(cfg.data_path), eval=evals,
+                               ray_data=dataclasses.replace(cfg.ray_data, audit_dir=audit_dir))
 
 
 def pretrain_on_ray(cfg: DINOConfig, resume_from: Optional[str] = None) -> ray.train.Result:
