@@ -121,6 +121,14 @@ def _visualize_attention(args: argparse.Namespace) -> None:
                   track=not args.no_mlflow)
 
 
+def _eval_retrieval(args: argparse.Namespace) -> None:
+    from dino_ray.eval.jobs import retrieval_job
+
+    retrieval_job(args.pretrained_weights, args.data_path, args.output_dir, args.dataset, args.multiscale, args.imsize,
+                  args.recall_at, args.checkpoint_key, args.arch, args.patch_size, _vit_shape(args), args.image_size,
+                  args.max_images, args.batch_size_per_gpu, args.tracking_uri, args.checkpoint)
+
+
 def _weights_flags(p: argparse.ArgumentParser) -> None:
     """How every eval names its weights (see dino_ray.eval.weights)."""
     p.add_argument("--pretrained_weights", required=True, help="a checkpoint file (dino-ray or official, full or "
@@ -193,6 +201,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load_features", default=None, help="folder to load saved features from")
     p.add_argument("--output_dir", default="outputs/knn", help="where knn.json goes")
     p.set_defaults(func=_eval_knn)
+
+    p = sub.add_parser("eval-retrieval", help="image retrieval (eval_image_retrieval.py): revisited Oxford / "
+                       "Paris, or any labelled image set")
+    _weights_flags(p)
+    p.add_argument("--data_path", required=True, help="with --dataset: the folder holding <dataset>/jpg/*.jpg and "
+                   "<dataset>/gnd_<dataset>.pkl; without: labelled images (ImageFolder or Parquet)")
+    p.add_argument("--dataset", choices=["roxford5k", "rparis6k"], default=None, help="the revisited protocol "
+                   "(medium and hard mAP); default: the generic mode (mAP and recall@k, relevant = same label)")
+    p.add_argument("--multiscale", action="store_true", help="descriptors averaged over 1, 1/sqrt(2), 1/2 scales")
+    p.add_argument("--imsize", type=int, default=224, help="with --dataset: the longer side of every image")
+    p.add_argument("--image_size", type=int, default=None, help="generic mode: centre-crop size (default: "
+                   "pretraining's)")
+    p.add_argument("--max_images", type=int, default=None, help="generic mode: the first N images only")
+    p.add_argument("--recall_at", type=int, nargs="+", default=[1, 5, 10], help="k of recall@k and mP@k")
+    p.add_argument("--batch_size_per_gpu", type=int, default=128)
+    p.add_argument("--output_dir", default="outputs/retrieval", help="where retrieval.json goes")
+    p.set_defaults(func=_eval_retrieval)
 
     p = sub.add_parser("eval-linear", help="linear probe on frozen features (eval_linear.py), on Ray Train")
     _weights_flags(p)

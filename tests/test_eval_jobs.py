@@ -1,9 +1,13 @@
 """Evaluation jobs on real Ray with real MLflow: k-NN features in Ray tasks, the linear probe as a Ray Train job,
 attention maps; each an MLflow run nested under the pretraining it evaluates."""
 import json
+import pickle
+import shutil
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 ray = pytest.importorskip("ray")
 
@@ -13,9 +17,10 @@ from dino_ray.config import build_config  # noqa: E402
 from dino_ray.data.augment import eval_transform  # noqa: E402
 from dino_ray.data.datasets import build_dataset  # noqa: E402
 from dino_ray.eval.features import backbone_from_weights, extract_features  # noqa: E402
-from dino_ray.eval.jobs import attention_job, knn_job, linear_job  # noqa: E402
+from dino_ray.eval.jobs import attention_job, knn_job, linear_job, retrieval_job  # noqa: E402
 from dino_ray.eval.linear import LinearArgs  # noqa: E402
 from dino_ray.eval.ray_features import extract_features_on_ray  # noqa: E402
+from dino_ray.eval.retrieval import generic_scores  # noqa: E402
 from dino_ray.tracking import tracking_uri  # noqa: E402
 from dino_ray.train.ray_trainer import pretrain_on_ray  # noqa: E402
 
@@ -103,3 +108,35 @@ def test_attention_maps_of_an_official_layout_backbone_file(pretraining, tmp_pat
     (run,) = [r for r in client.search_runs([pretraining["run"].info.experiment_id]) if r.info.run_name == "attention"]
     assert "mlflow.parentRunId" not in run.data.tags  # a file with no pretraining run: a top-level eval run
     assert "attention/cat/attention.png" in {a.path for a in client.list_artifacts(run.info.run_id, "attention/cat")}
+
+
+def test_retrieval_generic_and_revisited_modes_link_to_the_pretraining(pretraining, tmp_path):
+    run = pretraining["run"]
+    record = retrieval_job(run.info.run_id, VAL, str(tmp_path / "generic"), max_images=200, batch_size=64,
+                           tracking_uri=pretraining["uri"])
+    labels = build_dataset(VAL, None, 200).targets
+    chance = generic_scores(torch.randn(200, 32, generator=torch.Generator().manual_seed(0)), torch.tensor(labels))
+    assert record["images"] == 200 and record["results"]["generic"]["mAP"] > chance["mAP"] + 2
+
+    # the revisited layout: database images of 4 colours; query 0 is image 0 (full box), query 1 a crop of image 3
+    folder = tmp_path / "revisited" / "rparis6k"
+    (folder / "jpg").mkdir(parents=True)
+    colours = [(220, 30, 30), (30, 200, 40), (40, 40, 220), (230, 220, 40)]
+    rng = np.random.default_rng(0)
+    for i, colour in enumerate(colours):
+        pixels = np.clip(np.array(colour) + rng.normal(0, 20, (48, 64, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / "jpg" / f"db{i}.jpg", quality=95)
+    shutil.copy(folder / "jpg" / "db0.jpg", folder / "jpg" / "q0.jpg")
+    shutil.copy(folder / "jpg" / "db3.jpg", folder / "jpg" / "q1.jpg")
+    gnd = {"imlist": [f"db{i}" for i in range(4)], "qimlist": ["q0", "q1"],
+           "gnd": [{"bbx": [0, 0, 64, 48], "easy": [0], "hard": [], "junk": [1]},
+                   {"bbx": [8, 8, 40, 40], "easy": [], "hard": [3], "junk": []}]}
+    (folder / "gnd_rparis6k.pkl").write_bytes(pickle.dumps(gnd))
+    record = retrieval_job(run.info.run_id, str(tmp_path / "revisited"), str(tmp_path / "paris"), dataset="rparis6k",
+                           multiscale=True, imsize=32, tracking_uri=pretraining["uri"])
+    assert record["results"]["medium"]["mAP"] == pytest.approx(100)  # each query finds its image first
+    assert record["results"]["hard"]["mAP"] == pytest.approx(100) and record["results"]["hard"]["queries"] == 1
+    retrieval_runs = children(pretraining, "retrieval")
+    assert len(retrieval_runs) == 2
+    assert {r.data.metrics.get("hard_mAP") for r in retrieval_runs} >= {100.0}
+    assert json.loads((tmp_path / "paris" / "retrieval.json").read_text())["dataset"] == "rparis6k"

@@ -15,7 +15,10 @@ import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
 
 from dino_ray.eval.linear import LinearArgs, run_linear
 from dino_ray.eval.weights import Weights, resolve_weights
@@ -100,6 +103,69 @@ def knn_job(weights_source: str, train_data: str, val_data: str, output_dir: str
            {f"knn_top1_k{k}": v["top1"] for k, v in record["results"].items()}, weights,
            eval_tracking_uri(tracking_uri, weights, out), [out / "knn.json"])
     log.info("k-NN results written to %s", out / "knn.json")
+    return record
+
+
+def retrieval_job(weights_source: str, data_path: str, output_dir: str, dataset: Optional[str] = None,
+                  multiscale: bool = False, imsize: int = 224, ks: Sequence[int] = (1, 5, 10),
+                  checkpoint_key: str = "teacher", arch: Optional[str] = None, patch_size: Optional[int] = None,
+                  vit_shape: Optional[dict] = None, image_size: Optional[int] = None, max_images: Optional[int] = None,
+                  batch_size: int = 128, tracking_uri: Optional[str] = None,
+                  checkpoint: Optional[str] = None) -> dict[str, Any]:
+    """Image retrieval (``eval_image_retrieval.py``): with ``dataset`` (roxford5k / rparis6k) the revisited
+    protocol over ``data_path/<dataset>``, medium and hard mAP; without, the generic mode over the labelled images
+    of ``data_path``, mAP and recall@k. Writes ``retrieval.json``; an MLflow run nested under the pretraining."""
+    from PIL import Image
+
+    from dino_ray.data.augment import eval_transform, normalize
+    from dino_ray.data.datasets import build_dataset
+    from dino_ray.eval.features import backbone_from_weights, extract_features
+    from dino_ray.eval.retrieval import (generic_scores, global_descriptor, protocol_ground_truth, ranking,
+                                         read_revisited, revisited_scores)
+
+    out = Path(output_dir)
+    weights = resolve(weights_source, tracking_uri, checkpoint, out)
+    backbone, shape = backbone_from_weights(str(weights.path), arch or weights.arch, patch_size or weights.patch_size,
+                                            checkpoint_key, **(vit_shape or {}))
+    backbone.eval()
+    record: dict[str, Any] = {"weights": weights_source, "checkpoint_epoch": weights.epoch,
+                              "pretraining_run": weights.run_id, **shape}
+    if dataset:
+        data = read_revisited(data_path, dataset)
+        to_tensor = normalize()
+
+        def describe(path: Path, box: Optional[tuple] = None) -> torch.Tensor:
+            image = Image.open(path).convert("RGB")
+            image = image.crop(box) if box else image
+            image.thumbnail((imsize, imsize), Image.LANCZOS)  # the longer side to imsize, as the reference
+            return global_descriptor(backbone, to_tensor(image), multiscale,
+                                     shape["patch_size"] if shape["arch"].startswith("vit") else 1)
+
+        database = torch.stack([describe(p) for p in tqdm(data["images"], desc="database", leave=False)])
+        queries = torch.stack([describe(p, b) for p, b in tqdm(list(zip(data["queries"], data["boxes"])),
+                                                               desc="queries", leave=False)])
+        ranks = ranking(database, queries)
+        record.update({"dataset": dataset, "multiscale": multiscale, "imsize": imsize, "database": len(database)})
+        record["results"] = {protocol: revisited_scores(ranks, protocol_ground_truth(data["gnd"], protocol), ks)
+                             for protocol in ("medium", "hard")}
+        metrics = {f"{p}_mAP": r["mAP"] for p, r in record["results"].items()}
+        metrics.update({f"{p}_mP_at_{k}": v for p, r in record["results"].items() for k, v in r["mP@k"].items()})
+        print(f"{dataset}: mAP M: {metrics['medium_mAP']:.2f}, H: {metrics['hard_mAP']:.2f}")
+    else:
+        size = image_size or shape["image_size"]
+        features, labels = extract_features(backbone, build_dataset(data_path, eval_transform(size), max_images),
+                                            batch_size)
+        record.update({"data_path": data_path, "image_size": size, "images": len(labels)})
+        record["results"] = {"generic": generic_scores(features, labels, ks)}
+        result = record["results"]["generic"]
+        metrics = {"mAP": result["mAP"], **{f"recall_at_{k}": v for k, v in result["recall@k"].items()}}
+        print(f"retrieval over {len(labels)} images: mAP {result['mAP']:.2f}, "
+              + ", ".join(f"recall@{k} {v:.2f}" for k, v in result["recall@k"].items()))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "retrieval.json").write_text(json.dumps(record, indent=2))
+    _track("retrieval", record, metrics, {f"retrieval_{k}": v for k, v in metrics.items() if "mAP" in k}, weights,
+           eval_tracking_uri(tracking_uri, weights, out), [out / "retrieval.json"])
+    log.info("retrieval results written to %s", out / "retrieval.json")
     return record
 
 
