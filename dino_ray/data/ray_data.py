@@ -141,7 +141,8 @@ class ShardBatches:
         seen: list[str] = []
         for batch in self.shard.iter_batches(batch_size=self.cfg.batch_size_per_gpu, drop_last=True,
                                              batch_format="numpy", prefetch_batches=2):
-            seen.extend(str(path) for path in batch["path"])
+            if self.audit is not None:
+                seen.extend(str(path) for path in batch["path"])
             views = [torch.from_numpy(batch[VIEW.format(i)]) for i in range(2 + self.cfg.local_crops_number)]
             yield views, torch.from_numpy(batch["label"]), 0
         if self.audit is not None:
