@@ -25,6 +25,20 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets" / "cifar10" / "train"
 
 
+def quickstart_checkpoint(given: str | None) -> Path:
+    """``given``, else the newest checkpoint ``make quickstart`` left."""
+    found = sorted((ROOT / "outputs" / "quickstart").glob("quickstart-*/checkpoint.pth"))
+    if not given and not found:
+        raise SystemExit("no outputs/quickstart/quickstart-*/checkpoint.pth: run `make quickstart` or give --checkpoint")
+    return Path(given) if given else found[-1]
+
+
+def cifar_shard(index: int, sample: str) -> str:
+    """A shard of the shared CIFAR-10 Parquet, else the repository's sample file of that role."""
+    shard = SHARED / f"part-{index:05d}.parquet"
+    return str(shard) if shard.exists() else str(ROOT / "data" / "cifar10_sample" / f"{sample}.parquet")
+
+
 def random_init_checkpoint(checkpoint: Path, folder: Path) -> Path:
     """The pretraining's network as it was before its first step (same config, same seed)."""
     cfg = build_config(safe_load(checkpoint)["args"])
@@ -44,10 +58,8 @@ def main() -> None:
     parser.add_argument("--max_val_images", type=int, default=2000)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "eval_cifar10.json"))
     args = parser.parse_args()
-    checkpoint = Path(args.checkpoint) if args.checkpoint else \
-        sorted((ROOT / "outputs" / "quickstart").glob("quickstart-*/checkpoint.pth"))[-1]
-    train = str(SHARED / "part-00000.parquet") if SHARED.exists() else str(ROOT / "data/cifar10_sample/train.parquet")
-    val = str(SHARED / "part-00004.parquet") if SHARED.exists() else str(ROOT / "data/cifar10_sample/val.parquet")
+    checkpoint = quickstart_checkpoint(args.checkpoint)
+    train, val = cifar_shard(0, "train"), cifar_shard(4, "val")
     work = Path(tempfile.mkdtemp(prefix="dino_ray_eval_"))
     results = {"checkpoint": str(checkpoint), "train": train, "val": val, "models": {}}
     for name, weights in (("pretrained", checkpoint), ("random_init", random_init_checkpoint(checkpoint, work))):

@@ -129,6 +129,32 @@ def _eval_retrieval(args: argparse.Namespace) -> None:
                   args.max_images, args.batch_size_per_gpu, args.tracking_uri, args.checkpoint)
 
 
+def _eval_copy_detection(args: argparse.Namespace) -> None:
+    from dino_ray.eval.jobs import copy_detection_job
+
+    copy_detection_job(args.pretrained_weights, args.data_path, args.output_dir, args.dataset, args.whitening_path,
+                       args.distractors_path, args.imsize, args.num_originals, args.max_images, args.edits or (),
+                       args.seed, args.batch_size_per_gpu, args.checkpoint_key, args.arch, args.patch_size,
+                       _vit_shape(args), args.tracking_uri, args.checkpoint)
+
+
+def _eval_video_segmentation(args: argparse.Namespace) -> None:
+    from dino_ray.eval.jobs import video_segmentation_job
+
+    video_segmentation_job(args.pretrained_weights, args.data_path, args.output_dir, args.videos, args.size,
+                           args.n_last_frames, args.size_mask_neighborhood, args.topk, args.checkpoint_key, args.arch,
+                           args.patch_size, _vit_shape(args), args.tracking_uri, args.checkpoint)
+
+
+def _attention_video(args: argparse.Namespace) -> None:
+    from dino_ray.eval.jobs import attention_video_job
+
+    resize = None if not args.resize else tuple(args.resize) if len(args.resize) == 2 else args.resize[0]
+    attention_video_job(args.pretrained_weights, args.input_path, args.output_path, resize, args.threshold if args.threshold > 0 else None, args.heads,
+                        args.batch_size, args.fps, args.video_only, args.checkpoint_key, args.arch, args.patch_size,
+                        _vit_shape(args), args.tracking_uri, args.checkpoint, track=not args.no_mlflow)
+
+
 def _weights_flags(p: argparse.ArgumentParser) -> None:
     """How every eval names its weights (see dino_ray.eval.weights)."""
     p.add_argument("--pretrained_weights", required=True, help="a checkpoint file (dino-ray or official, full or "
@@ -218,6 +244,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size_per_gpu", type=int, default=128)
     p.add_argument("--output_dir", default="outputs/retrieval", help="where retrieval.json goes")
     p.set_defaults(func=_eval_retrieval)
+
+    p = sub.add_parser("eval-copy-detection", help="copy detection (eval_copy_detection.py): Copydays, or copies "
+                       "made here from any image set")
+    _weights_flags(p)
+    p.add_argument("--data_path", required=True, help="with --dataset copydays: the folder holding original/, "
+                   "strong/, jpegqual/<q>/, crops/<p>/; without: images to copy (ImageFolder, Parquet or a folder)")
+    p.add_argument("--dataset", choices=["copydays"], default=None, help="default: the generic mode")
+    p.add_argument("--whitening_path", default=None, help="images the PCA whitening is learned on (generic mode "
+                   "default: the images after the originals)")
+    p.add_argument("--distractors_path", default=None, help="images added to the database")
+    p.add_argument("--imsize", type=int, default=320, help="images are resized to imsize x imsize")
+    p.add_argument("--num_originals", type=int, default=None, help="generic mode: originals (default: half)")
+    p.add_argument("--max_images", type=int, default=None, help="generic mode: the first N images only")
+    p.add_argument("--edits", nargs="+", default=None, choices=["crop", "jpeg", "colour", "blur", "rotation", "strong"],
+                   help="generic mode: the edits to make copies with (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="generic mode: the copies' random edits")
+    p.add_argument("--batch_size_per_gpu", type=int, default=128)
+    p.add_argument("--output_dir", default="outputs/copy_detection", help="where copy_detection.json goes")
+    p.set_defaults(func=_eval_copy_detection)
+
+    p = sub.add_parser("eval-video-segmentation", help="DAVIS-2017 label propagation (eval_video_segmentation.py)")
+    _weights_flags(p)
+    p.add_argument("--data_path", required=True, help="DAVIS-2017 root: JPEGImages/480p/, Annotations/480p/, "
+                   "ImageSets/2017/val.txt")
+    p.add_argument("--videos", nargs="+", default=None, help="default: those of ImageSets/2017/val.txt")
+    p.add_argument("--size", type=int, default=480, help="frames' shorter side (the longer rounded down to 64)")
+    p.add_argument("--n_last_frames", type=int, default=7, help="previous frames propagated from")
+    p.add_argument("--size_mask_neighborhood", type=int, default=12, help="patches apart a label may travel")
+    p.add_argument("--topk", type=int, default=5, help="source patches kept per target patch")
+    p.add_argument("--output_dir", default="outputs/davis", help="predicted masks <video>/NNNNN.png, davis.json")
+    p.set_defaults(func=_eval_video_segmentation)
+
+    p = sub.add_parser("attention-video", help="CLS attention of every frame of a video (video_generation.py)")
+    _weights_flags(p)
+    p.add_argument("--input_path", required=True, help="a video file or a folder of frames")
+    p.add_argument("--output_path", default="outputs/attention_video", help="the video and frames/ go here")
+    p.add_argument("--threshold", type=float, default=0.6, help="keep this share of the attention mass (0 or "
+                   "less: no threshold)")
+    p.add_argument("--heads", choices=["mean", "all"], default="mean", help="the head mean, or every head in a grid")
+    p.add_argument("--resize", type=int, nargs="+", default=None, help="frames' shorter side, or h w (default: "
+                   "as they are)")
+    p.add_argument("--fps", type=float, default=None, help="output frame rate (default: the video's; 30 for a "
+                   "frame folder)")
+    p.add_argument("--batch_size", type=int, default=8, help="frames per forward pass")
+    p.add_argument("--video_only", action="store_true", help="do not keep the rendered frames")
+    p.add_argument("--no-mlflow", dest="no_mlflow", action="store_true", help="only write the files")
+    p.set_defaults(func=_attention_video)
 
     p = sub.add_parser("eval-linear", help="linear probe on frozen features (eval_linear.py), on Ray Train")
     _weights_flags(p)

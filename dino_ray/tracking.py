@@ -65,13 +65,21 @@ def eval_tracker(uri: str, parent_run_id: Optional[str], name: str, params: dict
                  experiment_name: str = "dino-ray", epoch: Optional[int] = None) -> "RunTracker":
     """An evaluation's run, nested under the pretraining run it evaluates (``mlflow.parentRunId``) when known."""
     tags = {"dino_ray.eval": name}
+    parent = None
     if parent_run_id:
-        tags.update({"mlflow.parentRunId": parent_run_id, "dino_ray.pretraining_run": parent_run_id})
-        experiment_name = MlflowClient(uri).get_experiment(
-            MlflowClient(uri).get_run(parent_run_id).info.experiment_id).name
+        tags["dino_ray.pretraining_run"] = parent_run_id
+        client = MlflowClient(uri)
+        try:
+            experiment_name = client.get_experiment(client.get_run(parent_run_id).info.experiment_id).name
+            tags["mlflow.parentRunId"] = parent = parent_run_id
+        except Exception as exc:  # noqa: BLE001 - a store without that run: the evaluation is still recorded
+            log.warning("MLflow at %s has no pretraining run %s (%s): the '%s' run is not nested under it", uri,
+                        parent_run_id, type(exc).__name__, name)
     if epoch is not None:
         tags["dino_ray.checkpoint_epoch"] = str(epoch)
-    return RunTracker(uri, experiment_name, name, params, tags=tags)
+    tracker = RunTracker(uri, experiment_name, name, params, tags=tags)
+    tracker.parent_run_id = parent
+    return tracker
 
 
 def log_to_run(uri: str, run_id: str, metrics: dict[str, float], step: int,
@@ -120,6 +128,7 @@ class RunTracker:
         self.client = MlflowClient(uri)
         self.enabled = True
         self.run_id: Optional[str] = run_id
+        self.parent_run_id: Optional[str] = None  # an evaluation's pretraining run, when it is in this store
         self.experiment_id: Optional[str] = None
         self._safe(lambda: self._start(experiment_name, run_name, params or {}, tags or {}, artifact_location))
 

@@ -62,3 +62,31 @@ def test_dry_run_prints_the_paper_run_and_its_cost(capsys):
     gpu_hours = float(re.search(r"([\d,.]+) GPU-hours", out).group(1).replace(",", ""))
     assert gpu_hours == pytest.approx(24.2 * 16, rel=1e-3)
     assert main(["pretrain", "--config", "experiments/vit_small_16_100ep.yaml", "--dry-run", "--num_images", "100"]) == 2
+
+
+def test_video_and_copy_commands_on_a_backbone_only_file(cifar_rows, tmp_path, capsys):
+    """The three commands of the reference's video and copy programs, wired end to end on a released-style file
+    (a bare backbone state dict: the shape flags say what it is)."""
+    import torch
+
+    from dino_ray import build_backbone
+    from dino_ray.data.synthetic import write_moving_disc
+    from dino_ray.eval.video import video_info
+
+    torch.manual_seed(0)
+    torch.save(build_backbone("vit_tiny", 4, img_size=16, embed_dim=32, depth=1, num_heads=2).state_dict(),
+               tmp_path / "backbone.pth")
+    weights = ["--pretrained_weights", str(tmp_path / "backbone.pth"), "--arch", "vit_tiny", "--patch_size", "4",
+               "--embed_dim", "32", "--depth", "1", "--num_heads", "2", "--tracking_uri", f"sqlite:///{tmp_path}/m.db"]
+    made = write_moving_disc(tmp_path / "made", num_frames=6)
+    assert main(["attention-video", *weights, "--input_path", str(made["video"]), "--output_path",
+                 str(tmp_path / "video"), "--resize", "16", "32", "--threshold", "0", "--no-mlflow"]) == 0
+    assert video_info(tmp_path / "video" / "moving_disc-attention.mp4") == (6, 10)
+    assert main(["eval-video-segmentation", *weights, "--data_path", str(made["davis"]), "--size", "32",
+                 "--output_dir", str(tmp_path / "davis")]) == 0
+    assert "DAVIS 1 video(s): J&F" in capsys.readouterr().out
+    assert len(list((tmp_path / "davis" / "moving_disc").glob("*.png"))) == 6
+    assert main(["eval-copy-detection", *weights, "--data_path", str(cifar_rows), "--max_images", "40",
+                 "--imsize", "16", "--edits", "jpeg", "rotation", "--output_dir", str(tmp_path / "copy")]) == 0
+    assert set(json.loads((tmp_path / "copy" / "copy_detection.json").read_text())["results"]) == {"jpeg", "rotation"}
+    assert main(["eval-video-segmentation", *weights, "--data_path", str(tmp_path / "nowhere")]) == 2  # named, exit 2

@@ -1,5 +1,6 @@
 """Evaluation jobs on real Ray with real MLflow: k-NN features in Ray tasks, the linear probe as a Ray Train job,
-attention maps; each an MLflow run nested under the pretraining it evaluates."""
+attention maps, retrieval, copy detection, video segmentation and attention videos; each an MLflow run nested under
+the pretraining it evaluates."""
 import json
 import pickle
 import shutil
@@ -16,11 +17,16 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from dino_ray.config import build_config  # noqa: E402
 from dino_ray.data.augment import eval_transform  # noqa: E402
 from dino_ray.data.datasets import build_dataset  # noqa: E402
+from dino_ray.data.synthetic import write_moving_disc  # noqa: E402
 from dino_ray.eval.features import backbone_from_weights, extract_features  # noqa: E402
-from dino_ray.eval.jobs import attention_job, knn_job, linear_job, retrieval_job  # noqa: E402
+from dino_ray.eval.copy_detection import copy_scores  # noqa: E402
+from dino_ray.eval.jobs import (attention_job, attention_video_job, copy_detection_job, knn_job, linear_job,  # noqa: E402
+                                retrieval_job, video_segmentation_job)
 from dino_ray.eval.linear import LinearArgs  # noqa: E402
 from dino_ray.eval.ray_features import extract_features_on_ray  # noqa: E402
 from dino_ray.eval.retrieval import generic_scores  # noqa: E402
+from dino_ray.eval.video import video_info  # noqa: E402
+from dino_ray.eval.video_segmentation import davis_scores  # noqa: E402
 from dino_ray.tracking import tracking_uri  # noqa: E402
 from dino_ray.train.ray_trainer import pretrain_on_ray  # noqa: E402
 
@@ -118,25 +124,90 @@ def test_retrieval_generic_and_revisited_modes_link_to_the_pretraining(pretraini
     chance = generic_scores(torch.randn(200, 32, generator=torch.Generator().manual_seed(0)), torch.tensor(labels))
     assert record["images"] == 200 and record["results"]["generic"]["mAP"] > chance["mAP"] + 2
 
-    # the revisited layout: database images of 4 colours; query 0 is image 0 (full box), query 1 a crop of image 3
+    # the revisited layout: database images of 4 colours; query 0 is image 0 (full box); queries 1 and 2 are one
+    # picture, mostly image 1's colour with a patch of image 3's: boxed to the patch (1) it finds image 3, whole (2)
+    # image 1, so the box is what decides
     folder = tmp_path / "revisited" / "rparis6k"
     (folder / "jpg").mkdir(parents=True)
     colours = [(220, 30, 30), (30, 200, 40), (40, 40, 220), (230, 220, 40)]
     rng = np.random.default_rng(0)
-    for i, colour in enumerate(colours):
-        pixels = np.clip(np.array(colour) + rng.normal(0, 20, (48, 64, 3)), 0, 255).astype(np.uint8)
+    pictures = [np.clip(np.array(c) + rng.normal(0, 20, (48, 64, 3)), 0, 255).astype(np.uint8) for c in colours]
+    for i, pixels in enumerate(pictures):
         Image.fromarray(pixels).save(folder / "jpg" / f"db{i}.jpg", quality=95)
     shutil.copy(folder / "jpg" / "db0.jpg", folder / "jpg" / "q0.jpg")
-    shutil.copy(folder / "jpg" / "db3.jpg", folder / "jpg" / "q1.jpg")
-    gnd = {"imlist": [f"db{i}" for i in range(4)], "qimlist": ["q0", "q1"],
+    composite = pictures[1].copy()
+    composite[8:32, 8:32] = pictures[3][8:32, 8:32]
+    Image.fromarray(composite).save(folder / "jpg" / "q1.jpg", quality=95)
+    gnd = {"imlist": [f"db{i}" for i in range(4)], "qimlist": ["q0", "q1", "q1"],
            "gnd": [{"bbx": [0, 0, 64, 48], "easy": [0], "hard": [], "junk": [1]},
-                   {"bbx": [8, 8, 40, 40], "easy": [], "hard": [3], "junk": []}]}
+                   {"bbx": [8, 8, 32, 32], "easy": [], "hard": [3], "junk": []},
+                   {"bbx": None, "easy": [1], "hard": [], "junk": []}]}
     (folder / "gnd_rparis6k.pkl").write_bytes(pickle.dumps(gnd))
     record = retrieval_job(run.info.run_id, str(tmp_path / "revisited"), str(tmp_path / "paris"), dataset="rparis6k",
                            multiscale=True, imsize=32, tracking_uri=pretraining["uri"])
-    assert record["results"]["medium"]["mAP"] == pytest.approx(100)  # each query finds its image first
+    assert record["results"]["medium"]["mAP"] == pytest.approx(100) and record["results"]["medium"]["queries"] == 3
     assert record["results"]["hard"]["mAP"] == pytest.approx(100) and record["results"]["hard"]["queries"] == 1
     retrieval_runs = children(pretraining, "retrieval")
     assert len(retrieval_runs) == 2
     assert {r.data.metrics.get("hard_mAP") for r in retrieval_runs} >= {100.0}
     assert json.loads((tmp_path / "paris" / "retrieval.json").read_text())["dataset"] == "rparis6k"
+
+
+def test_copy_detection_generic_and_copydays_modes_link_to_the_pretraining(pretraining, tmp_path):
+    run = pretraining["run"]
+    record = copy_detection_job(run.info.run_id, VAL, str(tmp_path / "generic"), imsize=16, max_images=400,
+                                edits=["jpeg", "blur", "strong"], tracking_uri=pretraining["uri"])
+    assert record["originals"] == 200 and record["whitening_images"] == 200 and record["database"] == 200
+    chance = copy_scores({"random": (torch.randn(200, 64), [[k] for k in range(200)])}, torch.randn(200, 64))
+    assert record["results"]["jpeg"] > 50 > 10 > chance["random"]  # a JPEG copy is found; at random it would not
+    assert record["results"]["strong"] < record["results"]["jpeg"]
+    assert (tmp_path / "generic" / "copies.png").stat().st_size > 0
+
+    copydays = tmp_path / "copydays"  # 3 originals, their JPEG-30 copies, and strong copies named by prefix
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        pixels = np.clip(np.array([(200, 40, 40), (40, 200, 40), (40, 40, 200)][k]) + rng.normal(0, 25, (24, 24, 3)),
+                         0, 255).astype(np.uint8)
+        for folder, name in [("original", f"20{k}000"), ("jpegqual/30", f"20{k}000"), ("strong", f"20{k}001")]:
+            (copydays / folder).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(copydays / folder / f"{name}.jpg", quality=30 if "jpeg" in folder else 95)
+    record = copy_detection_job(run.info.run_id, str(copydays), str(tmp_path / "days"), dataset="copydays", imsize=16,
+                                tracking_uri=pretraining["uri"])
+    assert set(record["results"]) == {"original", "strong", "jpegqual/30"} and record["whitening_images"] == 0
+    assert record["results"]["original"] == pytest.approx(100) and record["results"]["jpegqual/30"] == pytest.approx(100)
+    runs = children(pretraining, "copy_detection")
+    assert len(runs) == 2 and {r.data.metrics.get("mAP_jpegqual_30") for r in runs} >= {100.0}
+
+
+def test_video_segmentation_and_attention_video_of_a_generated_video(pretraining, tmp_path):
+    made = write_moving_disc(tmp_path, num_frames=12)
+    run = pretraining["run"]
+    record = video_segmentation_job(run.info.run_id, str(made["davis"]), str(tmp_path / "davis"), size=32,
+                                    tracking_uri=pretraining["uri"])
+    predicted = sorted((tmp_path / "davis" / "moving_disc").glob("*.png"))
+    assert [p.name for p in predicted] == [f"{k:05d}.png" for k in range(12)]
+    with Image.open(predicted[3]) as mask:
+        assert mask.mode == "P" and mask.size == (64, 32)  # indexed, at the frames' size, as DAVIS wants
+    first = tmp_path / "first" / "moving_disc"  # the trivial baseline: the first mask copied to every frame
+    first.mkdir(parents=True)
+    for path in predicted:
+        shutil.copy(predicted[0], first / path.name)
+    baseline = davis_scores(tmp_path / "first", made["davis"], ["moving_disc"])
+    assert record["results"]["J"] > baseline["J"] + 40
+    (davis_run,) = children(pretraining, "video_segmentation")
+    assert davis_run.data.metrics["J_and_F"] == pytest.approx(record["results"]["J&F"])
+
+    result = attention_video_job(run.info.run_id, str(made["video"]), str(tmp_path / "video"), heads="all",
+                                 tracking_uri=pretraining["uri"])
+    assert video_info(result["video"]) == (12, 10) and len(list(result["frames"].glob("*.png"))) == 12
+    (video_run,) = children(pretraining, "attention_video")
+    artifacts = {a.path for a in pretraining["client"].list_artifacts(video_run.info.run_id)}
+    assert artifacts == {"moving_disc-attention.mp4", "attn-00000.png"}
+
+    # a store that lacks the pretraining run (another --tracking_uri): the eval is recorded there, not nested
+    other = f"sqlite:///{tmp_path}/other.db"
+    attention_video_job(pretraining["checkpoint"], str(made["video"]), str(tmp_path / "elsewhere"), video_only=True,
+                        tracking_uri=other)
+    client = MlflowClient(other)
+    (lone,) = client.search_runs([client.get_experiment_by_name("dino-ray").experiment_id])
+    assert lone.data.tags["dino_ray.pretraining_run"] == run.info.run_id and "mlflow.parentRunId" not in lone.data.tags

@@ -18,7 +18,37 @@ from PIL import Image
 from torch.utils.data import Dataset, default_collate
 from torchvision.datasets import ImageFolder
 
+from dino_ray.storage import is_uri
+
 log = logging.getLogger(__name__)
+
+
+def is_parquet(data_path: str | Path) -> bool:
+    """Cloud data must be Parquet (``dino-ray convert-data``); a local path may also be an image folder."""
+    path = Path(data_path)
+    return is_uri(data_path) or path.suffix == ".parquet" or (path.is_dir() and any(path.glob("**/*.parquet")))
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """The image files directly in a folder (no labels, no class subfolders), in name order."""
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"image folder '{folder}' does not exist")
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in '{folder}'")
+    return files
+
+
+def decode_rgb(data: bytes, name: str) -> Optional[Image.Image]:
+    """An encoded image's bytes as an RGB picture, or None (the image named in the log) when it does not decode."""
+    try:
+        return Image.open(io.BytesIO(data)).convert("RGB")
+    except Exception as exc:  # noqa: BLE001 - any decoder error means a bad image
+        log.warning("skipping undecodable image %s: %s", name, exc)
+        return None
 
 
 class ParquetImageDataset(Dataset):
@@ -54,10 +84,8 @@ class ParquetImageDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> Optional[tuple[Any, int]]:
-        try:
-            image = Image.open(io.BytesIO(self.images[index])).convert("RGB")
-        except Exception as exc:  # noqa: BLE001 - any decoder error means a bad row
-            log.warning("skipping undecodable image: row %d (%s) of %s: %s", index, self.paths[index], self.source, exc)
+        image = decode_rgb(self.images[index], f"row {index} ({self.paths[index]}) of {self.source}")
+        if image is None:
             return None
         return (self.transform(image) if self.transform else image), self.targets[index]
 
@@ -88,7 +116,7 @@ def build_dataset(data_path: str | Path, transform: Optional[Callable] = None,
     path = Path(data_path)
     if not path.exists():
         raise FileNotFoundError(f"data_path '{data_path}' does not exist")
-    if path.suffix == ".parquet" or (path.is_dir() and any(path.glob("**/*.parquet"))):
+    if is_parquet(path):
         return ParquetImageDataset(path, transform, max_images)
     if not path.is_dir():
         raise ValueError(f"data_path '{data_path}' is neither a Parquet file nor an ImageFolder directory")

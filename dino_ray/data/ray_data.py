@@ -11,7 +11,8 @@ which image is Ray's dynamic choice, so the order is not reproducible the way th
 """
 from __future__ import annotations
 
-import io
+import functools
+import json
 import logging
 import random
 import zlib
@@ -24,21 +25,15 @@ import pyarrow.fs as pafs
 import ray
 import ray.data
 import torch
-from PIL import Image
 
 from dino_ray.config import ConfigError, DINOConfig, build_config
-from dino_ray.data.views import batch_views, build_augmentation
+from dino_ray.data.datasets import decode_rgb, is_parquet
+from dino_ray.data.views import Augmentation, batch_views, build_augmentation
 from dino_ray.storage import is_uri
 
 log = logging.getLogger(__name__)
 
 VIEW = "view{}"
-
-
-def is_parquet(data_path: str) -> bool:
-    """Cloud data must be Parquet (``dino-ray convert-data``); a local path may also be an image folder."""
-    path = Path(data_path)
-    return is_uri(data_path) or path.suffix == ".parquet" or (path.is_dir() and any(path.glob("**/*.parquet")))
 
 
 def image_dataset(data_path: str, max_images: Optional[int] = None, num_cpus: float = 1.0) -> ray.data.Dataset:
@@ -74,25 +69,27 @@ def count_images(data_path: str, max_images: Optional[int] = None) -> int:
     return min(count, max_images) if max_images else count
 
 
+@functools.lru_cache(maxsize=4)
+def _task_setup(config_json: str) -> tuple[DINOConfig, Augmentation]:
+    """The config and augmentation of a pipeline, built once per Ray worker process rather than per batch."""
+    cfg = build_config(json.loads(config_json))
+    return cfg, build_augmentation(cfg)
+
+
 def multicrop_batch(batch: dict[str, np.ndarray], config: dict[str, Any]) -> dict[str, np.ndarray]:
     """One Ray Data task's work: decode ``batch["image"]`` and make the views (``augmentation`` of the config);
-    images that do not decode are dropped and named in the task's log. The random crops are seeded from the
-    config's seed and the batch's paths: Ray's worker processes all start with torch's same default seed."""
-    cfg = build_config(config)
+    images that do not decode are dropped and named in the task's log. The random crops are seeded
+    from the config's seed and the batch's paths: Ray's worker processes all start with torch's same default seed."""
+    cfg, augmentation = _task_setup(json.dumps(config, sort_keys=True))
     seed = zlib.crc32("\n".join(map(str, batch["path"])).encode(), cfg.seed)
     torch.manual_seed(seed)
     random.seed(seed)  # the reference augmentation's blur
-    images, kept = [], []
-    for k, data in enumerate(batch["image"]):
-        try:
-            images.append(Image.open(io.BytesIO(data)).convert("RGB"))
-            kept.append(k)
-        except Exception as exc:  # noqa: BLE001 - any decoder error means a bad image
-            log.warning("skipping undecodable image %s: %s", batch["path"][k], exc)
+    decoded = [decode_rgb(data, str(path)) for data, path in zip(batch["image"], batch["path"])]
+    kept = [k for k, image in enumerate(decoded) if image is not None]
+    images = [decoded[k] for k in kept]
     out = {"label": batch["label"][kept], "path": batch["path"][kept]}
     sizes = [cfg.global_crops_size] * 2 + [cfg.local_crops_size] * cfg.local_crops_number
-    views = batch_views(build_augmentation(cfg), images) if images else [
-        torch.empty(0, 3, size, size) for size in sizes]
+    views = batch_views(augmentation, images) if images else [torch.empty(0, 3, size, size) for size in sizes]
     out.update({VIEW.format(i): view.numpy() for i, view in enumerate(views)})
     return out
 

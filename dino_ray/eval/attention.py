@@ -31,30 +31,45 @@ def load_image(path: str | Path, image_size: int | tuple[int, int], patch_size: 
         img = Image.open(path).convert("RGB")
     except (OSError, ValueError) as exc:
         raise ValueError(f"image '{path}' cannot be read: {exc}") from exc
-    tensor = transforms.Compose([transforms.Resize(image_size), transforms.ToTensor(),
-                                 transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])(img)
+    return model_input(img, image_size, patch_size)
+
+
+def model_input(img: Image.Image, image_size: Optional[int | tuple[int, int]], patch_size: int) -> torch.Tensor:
+    """A picture resized to ``image_size`` (None: as it is), normalised, cropped to whole patches: [3, H, W]."""
+    steps = [transforms.Resize(image_size)] if image_size else []
+    tensor = transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])(img)
     h, w = tensor.shape[1] - tensor.shape[1] % patch_size, tensor.shape[2] - tensor.shape[2] % patch_size
     return tensor[:, :h, :w]
 
 
+def mass_mask(values: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Over the last dim: the fewest entries holding ``threshold`` of the mass (the reference's ``th_attn``)."""
+    sorted_values, order = values.sort(dim=-1)
+    mass = (sorted_values / sorted_values.sum(dim=-1, keepdim=True)).cumsum(dim=-1)
+    return torch.zeros_like(mass, dtype=torch.bool).scatter_(-1, order, mass > (1 - threshold))
+
+
 @torch.no_grad()
+def batch_attention_maps(model: nn.Module, images: torch.Tensor, patch_size: int, threshold: Optional[float] = None
+                         ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(attentions [B, heads, H, W], masks [B, heads, H, W] bool or None)`` for normalised images [B, 3, H, W]."""
+    model.eval()
+    batch, grid_h, grid_w = images.shape[0], images.shape[-2] // patch_size, images.shape[-1] // patch_size
+    attn = get_last_selfattention(model, images)[:, :, 0, 1:]  # CLS -> patches, [B, heads, N]
+    heads = attn.shape[1]
+    masks = None
+    if threshold is not None:
+        masks = F.interpolate(mass_mask(attn, threshold).reshape(batch, heads, grid_h, grid_w).float(), scale_factor=patch_size,
+                              mode="nearest").bool()
+    maps = F.interpolate(attn.reshape(batch, heads, grid_h, grid_w), scale_factor=patch_size, mode="nearest")
+    return maps, masks
+
+
 def attention_maps(model: nn.Module, image: torch.Tensor, patch_size: int,
                    threshold: Optional[float] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``(attentions [heads, H, W], masks [heads, H, W] bool or None)`` for one normalised image [3, H, W]."""
-    model.eval()
-    grid_h, grid_w = image.shape[1] // patch_size, image.shape[2] // patch_size
-    attn = get_last_selfattention(model, image[None])[0, :, 0, 1:]  # CLS -> patches, [heads, N]
-    heads = attn.shape[0]
-    masks = None
-    if threshold is not None:
-        values, order = attn.sort(dim=1)
-        mass = (values / values.sum(dim=1, keepdim=True)).cumsum(dim=1)
-        keep_sorted = mass > (1 - threshold)
-        keep = torch.zeros_like(keep_sorted).scatter_(1, order, keep_sorted)  # back to patch order
-        masks = F.interpolate(keep.reshape(1, heads, grid_h, grid_w).float(), scale_factor=patch_size,
-                              mode="nearest")[0].bool()
-    maps = F.interpolate(attn.reshape(1, heads, grid_h, grid_w), scale_factor=patch_size, mode="nearest")[0]
-    return maps, masks
+    maps, masks = batch_attention_maps(model, image[None], patch_size, threshold)
+    return maps[0], None if masks is None else masks[0]
 
 
 def denormalize(image: torch.Tensor) -> np.ndarray:

@@ -17,7 +17,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from dino_ray.eval.linear import LinearArgs, run_linear
@@ -40,6 +42,21 @@ def eval_tracking_uri(explicit: Optional[str], weights: Optional[Weights], outpu
 def resolve(source: str, tracking_uri: Optional[str], checkpoint: Optional[str], output_dir: str | Path) -> Weights:
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     return resolve_weights(source, uri, checkpoint, cache_dir=Path(output_dir) / "weights")
+
+
+def load_backbone(weights_source: str, output_dir: str | Path, checkpoint_key: str = "teacher",
+                  arch: Optional[str] = None, patch_size: Optional[int] = None, vit_shape: Optional[dict] = None,
+                  tracking_uri: Optional[str] = None, checkpoint: Optional[str] = None, vit_only: bool = False
+                  ) -> tuple[Weights, torch.nn.Module, dict[str, Any]]:
+    """``(weights, backbone in eval mode, shape)`` from any weights source; ``vit_only``: refuse a ResNet."""
+    from dino_ray.eval.features import backbone_from_weights
+
+    weights = resolve(weights_source, tracking_uri, checkpoint, Path(output_dir))
+    backbone, shape = backbone_from_weights(str(weights.path), arch or weights.arch, patch_size or weights.patch_size,
+                                            checkpoint_key, **(vit_shape or {}))
+    if vit_only and not hasattr(backbone, "blocks"):
+        raise ValueError(f"this evaluation needs a ViT; '{weights_source}' holds a {shape['arch']}")
+    return weights, backbone.eval(), shape
 
 
 def _step(weights: Weights) -> int:
@@ -115,19 +132,15 @@ def retrieval_job(weights_source: str, data_path: str, output_dir: str, dataset:
     """Image retrieval (``eval_image_retrieval.py``): with ``dataset`` (roxford5k / rparis6k) the revisited
     protocol over ``data_path/<dataset>``, medium and hard mAP; without, the generic mode over the labelled images
     of ``data_path``, mAP and recall@k. Writes ``retrieval.json``; an MLflow run nested under the pretraining."""
-    from PIL import Image
-
     from dino_ray.data.augment import eval_transform, normalize
     from dino_ray.data.datasets import build_dataset
-    from dino_ray.eval.features import backbone_from_weights, extract_features
+    from dino_ray.eval.features import extract_features
     from dino_ray.eval.retrieval import (generic_scores, global_descriptor, protocol_ground_truth, ranking,
                                          read_revisited, revisited_scores)
 
     out = Path(output_dir)
-    weights = resolve(weights_source, tracking_uri, checkpoint, out)
-    backbone, shape = backbone_from_weights(str(weights.path), arch or weights.arch, patch_size or weights.patch_size,
-                                            checkpoint_key, **(vit_shape or {}))
-    backbone.eval()
+    weights, backbone, shape = load_backbone(weights_source, out, checkpoint_key, arch, patch_size, vit_shape,
+                                             tracking_uri, checkpoint)
     record: dict[str, Any] = {"weights": weights_source, "checkpoint_epoch": weights.epoch,
                               "pretraining_run": weights.run_id, **shape}
     if dataset:
@@ -169,6 +182,112 @@ def retrieval_job(weights_source: str, data_path: str, output_dir: str, dataset:
     return record
 
 
+def _load_rgb(files: Sequence[Path]) -> list:
+    pictures = []
+    for file in files:
+        try:
+            with Image.open(file) as image:
+                pictures.append(image.convert("RGB"))
+        except OSError as exc:
+            raise ValueError(f"image '{file}' cannot be read: {exc}") from exc
+    return pictures
+
+
+def _pictures(path: str | Path, max_images: Optional[int] = None) -> list:
+    """The RGB pictures of a plain image folder, an ImageFolder tree or Parquet rows (those that decode)."""
+    from dino_ray.data.datasets import build_dataset, image_files, is_parquet
+
+    if Path(path).is_dir() and not is_parquet(path) and any(p.is_file() for p in Path(path).iterdir()):
+        return _load_rgb(image_files(path)[:max_images])
+    return [item[0] for item in build_dataset(path, None, max_images) if item is not None]
+
+
+def copy_detection_job(weights_source: str, data_path: str, output_dir: str, dataset: Optional[str] = None,
+                       whitening_path: Optional[str] = None, distractors_path: Optional[str] = None,
+                       imsize: int = 320, num_originals: Optional[int] = None, max_images: Optional[int] = None,
+                       edits: Sequence[str] = (), seed: int = 0, batch_size: int = 64, checkpoint_key: str = "teacher",
+                       arch: Optional[str] = None, patch_size: Optional[int] = None, vit_shape: Optional[dict] = None,
+                       tracking_uri: Optional[str] = None, checkpoint: Optional[str] = None) -> dict[str, Any]:
+    """Copy detection (``eval_copy_detection.py``). ``dataset="copydays"``: the Copydays blocks under ``data_path``
+    against its originals (+ distractors); generic: the first ``num_originals`` images of ``data_path`` (default:
+    half) are the originals, the rest learn the whitening unless ``whitening_path`` is given, and each original is
+    copied once per edit. mAP per block in ``copy_detection.json``; an MLflow run nested under the pretraining."""
+    from torchvision import transforms
+
+    from dino_ray.data.augment import IMAGENET_MEAN, IMAGENET_STD
+    from dino_ray.eval.copy_detection import EDITS, copy_descriptor, copy_scores, learn_whitening, make_copies, \
+        read_copydays
+
+    out = Path(output_dir)
+    weights, backbone, shape = load_backbone(weights_source, out, checkpoint_key, arch, patch_size, vit_shape,
+                                             tracking_uri, checkpoint, vit_only=True)
+    prepare = transforms.Compose([transforms.Resize((imsize, imsize), interpolation=transforms.InterpolationMode.BICUBIC),
+                                  transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+    def describe(pictures: list, desc: str) -> torch.Tensor:
+        batches = [pictures[k:k + batch_size] for k in range(0, len(pictures), batch_size)]
+        return torch.cat([copy_descriptor(backbone, torch.stack([prepare(p) for p in batch]), shape["patch_size"])
+                          for batch in tqdm(batches, desc=desc, leave=False)])
+
+    record: dict[str, Any] = {"weights": weights_source, "checkpoint_epoch": weights.epoch,
+                              "pretraining_run": weights.run_id, **shape, "imsize": imsize}
+    files = [out / "copy_detection.json"]
+    whitening_pictures = _pictures(whitening_path) if whitening_path else []
+    if dataset == "copydays":
+        data = read_copydays(data_path)
+        database = describe(_load_rgb(data["originals"]), "originals")
+        queries = {name: (describe(_load_rgb(paths), name), positives)
+                   for name, (paths, positives) in data["blocks"].items()}
+        headline = "strong" if "strong" in queries else "original"
+    elif dataset is None:
+        pictures = _pictures(data_path, max_images)
+        count = num_originals or len(pictures) // 2
+        if count < 2 or (not whitening_path and len(pictures) - count < 2):
+            raise ValueError(f"'{data_path}' gives {len(pictures)} images: too few for {count} originals and a "
+                             f"whitening set (give more images, --num_originals or --whitening_path)")
+        originals, whitening_pictures = pictures[:count], whitening_pictures or pictures[count:]
+        copies = make_copies(originals, edits or EDITS, seed)
+        database = describe(originals, "originals")
+        queries = {edit: (describe(made, edit), [[k] for k in range(count)]) for edit, made in copies.items()}
+        headline = "strong" if "strong" in queries else next(iter(queries))
+        record.update({"data_path": data_path, "originals": count, "edits": list(copies), "seed": seed})
+        out.mkdir(parents=True, exist_ok=True)
+        files.append(_copies_figure(originals[:4], {e: c[:4] for e, c in copies.items()}, out / "copies.png"))
+    else:
+        raise ValueError(f"dataset '{dataset}' is unknown (copydays, or none for the generic mode)")
+    if distractors_path:
+        database = torch.cat([database, describe(_pictures(distractors_path), "distractors")])
+    whitening = learn_whitening(describe(whitening_pictures, "whitening")) if whitening_pictures else None
+    record.update({"database": len(database), "whitening_images": len(whitening_pictures),
+                   "results": copy_scores({k: (q, p) for k, (q, p) in queries.items()}, database, whitening)})
+    metrics = {f"mAP_{name.replace('/', '_')}": v for name, v in record["results"].items()}
+    print("copy detection mAP: " + ", ".join(f"{name} {v:.2f}" for name, v in record["results"].items()))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "copy_detection.json").write_text(json.dumps(record, indent=2))
+    _track("copy_detection", record, metrics, {f"copy_mAP_{headline}": record["results"][headline]}, weights,
+           eval_tracking_uri(tracking_uri, weights, out), files)
+    log.info("copy detection results written to %s", out / "copy_detection.json")
+    return record
+
+
+def _copies_figure(originals: list, copies: dict[str, list], path: Path, size: int = 96) -> Path:
+    """A grid a person can check the edits on: a row per original, then its copy by each edit."""
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(len(originals), 1 + len(copies), figsize=(1.3 * (1 + len(copies)),
+                                                                          1.4 * len(originals)), squeeze=False)
+    for k, original in enumerate(originals):
+        for j, (title, picture) in enumerate([("original", original), *((e, c[k]) for e, c in copies.items())]):
+            axes[k, j].imshow(picture.resize((size, size)))
+            axes[k, j].axis("off")
+            if k == 0:
+                axes[k, j].set_title(title, fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
 def _track(name: str, params: dict[str, Any], metrics: dict[str, float], headline: dict[str, float],
            weights: Weights, uri: str, files: list[Path]) -> Optional[str]:
     """One nested MLflow run for a finished evaluation, headline numbers on the pretraining run too."""
@@ -177,8 +296,8 @@ def _track(name: str, params: dict[str, Any], metrics: dict[str, float], headlin
     flat = {k: v for k, v in params.items() if not isinstance(v, dict)}
     tracker = eval_tracker(uri, weights.run_id, name, flat, epoch=weights.epoch)
     tracker.log_metrics(metrics, step=_step(weights))
-    if weights.run_id:
-        tracker.log_metrics(headline, step=_step(weights), run_id=weights.run_id)
+    if tracker.parent_run_id:
+        tracker.log_metrics(headline, step=_step(weights), run_id=tracker.parent_run_id)
     for file in files:
         tracker.log_artifact(file)
     tracker.finish()
@@ -192,14 +311,10 @@ def attention_job(weights_source: str, image_paths: list[str], output_dir: str, 
                   track: bool = True) -> list[Path]:
     """The last block's CLS attention of every head for each image; PNGs under ``output_dir/<image name>/``."""
     from dino_ray.eval.attention import save_attention
-    from dino_ray.eval.features import backbone_from_weights
 
     out = Path(output_dir)
-    weights = resolve(weights_source, tracking_uri, checkpoint, out)
-    backbone, shape = backbone_from_weights(str(weights.path), arch or weights.arch, patch_size or weights.patch_size,
-                                            checkpoint_key, **(vit_shape or {}))
-    if not hasattr(backbone, "blocks"):
-        raise ValueError(f"attention maps need a ViT; '{weights_source}' holds a {shape['arch']}")
+    weights, backbone, shape = load_backbone(weights_source, out, checkpoint_key, arch, patch_size, vit_shape,
+                                             tracking_uri, checkpoint, vit_only=True)
     written: list[Path] = []
     figures = []
     for image in image_paths:
@@ -217,6 +332,95 @@ def attention_job(weights_source: str, image_paths: list[str], output_dir: str, 
             tracker.log_artifact(file, f"attention/{file.parent.name}")
         tracker.finish()
     return written
+
+
+def attention_video_job(weights_source: str, input_path: str, output_path: str, resize: Optional[int | tuple] = None,
+                        threshold: Optional[float] = 0.6, heads: str = "mean", batch_size: int = 8,
+                        fps: Optional[float] = None, video_only: bool = False, checkpoint_key: str = "teacher",
+                        arch: Optional[str] = None, patch_size: Optional[int] = None, vit_shape: Optional[dict] = None,
+                        tracking_uri: Optional[str] = None, checkpoint: Optional[str] = None,
+                        track: bool = True) -> dict[str, Any]:
+    """``video_generation.py``: the attention video of a video file or frame folder (``attention_video``); the
+    video and its first frame in an MLflow run nested under the pretraining."""
+    from dino_ray.eval.attention_video import attention_video
+
+    out = Path(output_path)
+    weights, backbone, shape = load_backbone(weights_source, out, checkpoint_key, arch, patch_size, vit_shape,
+                                             tracking_uri, checkpoint, vit_only=True)
+    result = attention_video(backbone, input_path, out, shape["patch_size"], resize, threshold, heads, batch_size,
+                             fps, video_only)
+    log.info("attention video of %s (%d frames at %.3g fps): %s", input_path, result["num_frames"], result["fps"],
+             result["video"])
+    if track:
+        files = [result["video"]] + ([result["frames"] / "attn-00000.png"] if result["frames"] else [])
+        _track("attention_video", {"weights": weights_source, "input_path": str(input_path), "threshold": threshold,
+                                   "heads": heads, "resize": str(resize), "frames": result["num_frames"],
+                                   "fps": result["fps"]}, {}, {}, weights,
+               eval_tracking_uri(tracking_uri, weights, out), files)
+    return result
+
+
+def video_segmentation_job(weights_source: str, data_path: str, output_dir: str, videos: Optional[list[str]] = None,
+                           size: int = 480, n_last_frames: int = 7, size_mask_neighborhood: int = 12, topk: int = 5,
+                           checkpoint_key: str = "teacher", arch: Optional[str] = None,
+                           patch_size: Optional[int] = None, vit_shape: Optional[dict] = None,
+                           tracking_uri: Optional[str] = None, checkpoint: Optional[str] = None) -> dict[str, Any]:
+    """``eval_video_segmentation.py``: DAVIS-2017 label propagation from each video's first annotation; predictions
+    as indexed PNGs in ``output_dir/<video>/``; J and F when the videos have further annotations. Writes
+    ``davis.json`` and a figure of the first video; an MLflow run nested under the pretraining."""
+    from dino_ray.eval.video_segmentation import (davis_frames, davis_palette, davis_scores, davis_videos,
+                                                  read_labels, segment_video)
+
+    out = Path(output_dir)
+    weights, backbone, shape = load_backbone(weights_source, out, checkpoint_key, arch, patch_size, vit_shape,
+                                             tracking_uri, checkpoint, vit_only=True)
+    videos = videos or davis_videos(data_path)
+    annotations = Path(data_path) / "Annotations" / "480p"
+    for video in tqdm(videos, desc="videos", unit="video"):
+        first = sorted((annotations / video).glob("*.png"))
+        if not first:
+            raise FileNotFoundError(f"video '{video}' has no first-frame annotation in '{annotations / video}'")
+        labels = read_labels(first[0])
+        with Image.open(first[0]) as image:
+            palette = np.array(image.getpalette()[:768] if image.getpalette() else davis_palette()).reshape(-1, 3)
+        segment_video(backbone, davis_frames(data_path, video), labels, out / video, shape["patch_size"], palette,
+                      size, n_last_frames, size_mask_neighborhood, topk)
+    record: dict[str, Any] = {"weights": weights_source, "checkpoint_epoch": weights.epoch,
+                              "pretraining_run": weights.run_id, **shape, "data_path": data_path, "videos": videos,
+                              "size": size, "n_last_frames": n_last_frames,
+                              "size_mask_neighborhood": size_mask_neighborhood, "topk": topk}
+    metrics: dict[str, float] = {}
+    if all(len(list((annotations / v).glob("*.png"))) >= 3 for v in videos):
+        record["results"] = davis_scores(out, data_path, videos)
+        metrics = {k.replace("&", "_and_"): v for k, v in record["results"].items() if k != "objects"}
+        print(f"DAVIS {len(videos)} video(s): J&F {metrics['J_and_F']:.2f}, J {metrics['J']:.2f}, "
+              f"F {metrics['F']:.2f}")
+    files = [out / "davis.json", _propagation_figure(davis_frames(data_path, videos[0]), out / videos[0],
+                                                     out / "propagation.png")]
+    (out / "davis.json").write_text(json.dumps(record, indent=2))
+    _track("video_segmentation", record, metrics, {f"davis_{k}": v for k, v in metrics.items() if k in ("J_and_F",)},
+           weights, eval_tracking_uri(tracking_uri, weights, out), files)
+    log.info("predicted masks in %s; scores in %s", out, out / "davis.json")
+    return record
+
+
+def _propagation_figure(frames: list[Path], predictions: Path, path: Path, columns: int = 5) -> Path:
+    """Evenly spaced frames of a video with the predicted masks over them."""
+    import matplotlib.pyplot as plt
+
+    picks = sorted({round(k * (len(frames) - 1) / max(1, columns - 1)) for k in range(columns)})
+    figure, axes = plt.subplots(1, len(picks), figsize=(2.6 * len(picks), 2.2), squeeze=False)
+    for ax, k in zip(axes[0], picks):
+        with Image.open(frames[k]) as frame, Image.open(predictions / f"{frames[k].stem}.png") as mask:
+            ax.imshow(frame.convert("RGB"))
+            ax.imshow(np.ma.masked_equal(np.array(mask), 0), cmap="tab10", vmin=0, vmax=9, alpha=0.6,
+                      interpolation="nearest")
+        ax.set_title(f"frame {k}", fontsize=8)
+        ax.axis("off")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
 
 
 def _linear_per_worker(config: dict[str, Any]) -> None:
@@ -248,6 +452,7 @@ def _linear_in(local: Path, config: dict[str, Any]) -> None:
         run_file = local / RUN_ID_FILE
         if run_file.exists():
             tracker = RunTracker(config["tracking_uri"], "", "", run_id=run_file.read_text().strip())  # continue it
+            tracker.parent_run_id = weights.run_id
         else:
             params = {k: v for k, v in asdict(args).items() if not isinstance(v, dict)}
             tracker = eval_tracker(config["tracking_uri"], weights.run_id, "linear", params, epoch=weights.epoch)
@@ -267,8 +472,9 @@ def _linear_in(local: Path, config: dict[str, Any]) -> None:
         if tracker is not None:
             tracker.log_artifact(local / "checkpoint.pth", "linear_head")
             tracker.log_artifact(local / "log.txt")
-            if weights.run_id:
-                tracker.log_metrics({"linear_top1": stats["best_acc1"]}, step=_step(weights), run_id=weights.run_id)
+            if tracker.parent_run_id:
+                tracker.log_metrics({"linear_top1": stats["best_acc1"]}, step=_step(weights),
+                                    run_id=tracker.parent_run_id)
 
 
 def linear_job(args: LinearArgs, use_ray: bool = True, ray_workers: int = 1, tracking_uri: Optional[str] = None,
