@@ -151,6 +151,9 @@ def test_retrieval_generic_and_revisited_modes_link_to_the_pretraining(pretraini
     assert len(retrieval_runs) == 2
     assert {r.data.metrics.get("hard_mAP") for r in retrieval_runs} >= {100.0}
     assert json.loads((tmp_path / "paris" / "retrieval.json").read_text())["dataset"] == "rparis6k"
+    for retrieval_run in retrieval_runs:  # results and the figure of the first queries' first results
+        artifacts = {a.path for a in pretraining["client"].list_artifacts(retrieval_run.info.run_id)}
+        assert artifacts == {"retrieval.json", "retrieval.png"}
 
 
 def test_copy_detection_generic_and_copydays_modes_link_to_the_pretraining(pretraining, tmp_path):

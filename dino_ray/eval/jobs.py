@@ -164,6 +164,12 @@ def retrieval_job(weights_source: str, data_path: str, output_dir: str, dataset:
         metrics = {f"{p}_mAP": r["mAP"] for p, r in record["results"].items()}
         metrics.update({f"{p}_mP_at_{k}": v for p, r in record["results"].items() for k, v in r["mP@k"].items()})
         print(f"{dataset}: mAP M: {metrics['medium_mAP']:.2f}, H: {metrics['hard_mAP']:.2f}")
+        shown = range(min(FIGURE_QUERIES, len(data["queries"])))
+        figure = _ranking_figure(
+            [_load_rgb([data["queries"][q]])[0].crop(data["boxes"][q]) if data["boxes"][q] else
+             _load_rgb([data["queries"][q]])[0] for q in shown],
+            [_load_rgb([data["images"][i] for i in ranks[:FIGURE_RESULTS, q]]) for q in shown],
+            [[_verdict(i, data["gnd"][q]) for i in ranks[:FIGURE_RESULTS, q]] for q in shown], out / "retrieval.png")
     else:
         size = image_size or shape["image_size"]
         features, labels = extract_features(backbone, build_dataset(data_path, eval_transform(size), max_images),
@@ -174,12 +180,53 @@ def retrieval_job(weights_source: str, data_path: str, output_dir: str, dataset:
         metrics = {"mAP": result["mAP"], **{f"recall_at_{k}": v for k, v in result["recall@k"].items()}}
         print(f"retrieval over {len(labels)} images: mAP {result['mAP']:.2f}, "
               + ", ".join(f"recall@{k} {v:.2f}" for k, v in result["recall@k"].items()))
-    out.mkdir(parents=True, exist_ok=True)
+        pictures = _pictures(data_path, max_images)  # the same images in the same order, bad ones skipped as there
+        normed = torch.nn.functional.normalize(features, dim=1)
+        shown = range(min(FIGURE_QUERIES, len(labels)))
+        similarity = normed[list(shown)] @ normed.T
+        similarity[torch.arange(len(shown)), torch.arange(len(shown))] = -float("inf")  # not itself
+        top = similarity.topk(min(FIGURE_RESULTS, len(labels) - 1), dim=1).indices
+        figure = _ranking_figure([pictures[q] for q in shown], [[pictures[i] for i in row] for row in top.tolist()],
+                                 [[bool(labels[i] == labels[q]) for i in top[q].tolist()] for q in shown],
+                                 out / "retrieval.png")
     (out / "retrieval.json").write_text(json.dumps(record, indent=2))
     _track("retrieval", record, metrics, {f"retrieval_{k}": v for k, v in metrics.items() if "mAP" in k}, weights,
-           eval_tracking_uri(tracking_uri, weights, out), [out / "retrieval.json"])
+           eval_tracking_uri(tracking_uri, weights, out), [out / "retrieval.json", figure])
     log.info("retrieval results written to %s", out / "retrieval.json")
     return record
+
+
+FIGURE_QUERIES, FIGURE_RESULTS = 5, 5
+
+
+def _verdict(index: int, truth: dict[str, Any]) -> Optional[bool]:
+    """A revisited-protocol result: True (easy or hard), None (junk), False (wrong)."""
+    if index in set(truth.get("easy", [])) | set(truth.get("hard", [])):
+        return True
+    return None if index in set(truth.get("junk", [])) else False
+
+
+def _ranking_figure(queries: list, results: list[list], verdicts: list[list[Optional[bool]]], path: Path,
+                    size: int = 96) -> Path:
+    """A row per query: the query, then its first results framed green (relevant), red (not) or grey (junk)."""
+    import matplotlib.pyplot as plt
+
+    columns = 1 + max(len(row) for row in results)
+    figure, axes = plt.subplots(len(queries), columns, figsize=(1.3 * columns, 1.4 * len(queries)), squeeze=False)
+    for q, query in enumerate(queries):
+        row = [(query, "query", "black")] + [(picture, f"#{k + 1}", {True: "green", False: "red", None: "grey"}[v])
+                                             for k, (picture, v) in enumerate(zip(results[q], verdicts[q]))]
+        for ax in axes[q]:
+            ax.axis("off")
+        for ax, (picture, title, colour) in zip(axes[q], row):
+            ax.imshow(picture.resize((size, size)))
+            ax.set_title(title, fontsize=7)
+            ax.add_patch(plt.Rectangle((0, 0), size - 1, size - 1, fill=False, edgecolor=colour, linewidth=3))
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
 
 
 def _load_rgb(files: Sequence[Path]) -> list:
