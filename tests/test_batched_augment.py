@@ -86,6 +86,20 @@ def test_blur_is_close_to_pils_gaussian_blur(sigma):
     assert difference.mean() < 1.0 and difference.max() < 8.0  # PIL approximates the Gaussian with 3 box blurs
 
 
+def test_blur_gives_each_crop_its_own_gaussian():
+    crops = torch.rand(2, 3, 20, 24, generator=torch.Generator().manual_seed(0))
+    together = B.gaussian_blur(crops, torch.tensor([0.5, 1.9]))  # one pass 2 x 6 + 1 taps wide, the first zero-padded
+    for k, sigma in enumerate((0.5, 1.9)):
+        reach = math.ceil(3 * sigma)
+        taps = torch.arange(-reach, reach + 1, dtype=torch.float32)
+        kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
+        kernel /= kernel.sum()
+        padded = torch.nn.functional.pad(crops[k:k + 1], (reach,) * 4, mode="replicate")
+        expected = torch.nn.functional.conv2d(padded, kernel.view(1, 1, 1, -1).expand(3, 1, 1, -1), groups=3)
+        expected = torch.nn.functional.conv2d(expected, kernel.view(1, 1, -1, 1).expand(3, 1, -1, 1), groups=3)
+        assert torch.allclose(together[k], expected[0], atol=1e-6)
+
+
 def test_boxes_follow_random_resized_crop():
     generator = torch.Generator().manual_seed(0)
     heights, widths = torch.full((DRAWS,), 48), torch.full((DRAWS,), 64)
