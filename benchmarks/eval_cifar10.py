@@ -29,7 +29,8 @@ def quickstart_checkpoint(given: str | None) -> Path:
     """``given``, else the newest checkpoint ``make quickstart`` left."""
     found = sorted((ROOT / "outputs" / "quickstart").glob("quickstart-*/checkpoint.pth"))
     if not given and not found:
-        raise SystemExit("no outputs/quickstart/quickstart-*/checkpoint.pth: run `make quickstart` or give --checkpoint")
+        raise SystemExit("no outputs/quickstart/quickstart-*/checkpoint.pth: run `make quickstart` or give "
+                         "--checkpoint")
     return Path(given) if given else found[-1]
 
 

@@ -150,7 +150,8 @@ def _attention_video(args: argparse.Namespace) -> None:
     from dino_ray.eval.jobs import attention_video_job
 
     resize = None if not args.resize else tuple(args.resize) if len(args.resize) == 2 else args.resize[0]
-    attention_video_job(args.pretrained_weights, args.input_path, args.output_path, resize, args.threshold if args.threshold > 0 else None, args.heads,
+    threshold = args.threshold if args.threshold > 0 else None
+    attention_video_job(args.pretrained_weights, args.input_path, args.output_path, resize, threshold, args.heads,
                         args.batch_size, args.fps, args.video_only, args.checkpoint_key, args.arch, args.patch_size,
                         _vit_shape(args), args.tracking_uri, args.checkpoint, track=not args.no_mlflow)
 
@@ -257,8 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--imsize", type=int, default=320, help="images are resized to imsize x imsize")
     p.add_argument("--num_originals", type=int, default=None, help="generic mode: originals (default: half)")
     p.add_argument("--max_images", type=int, default=None, help="generic mode: the first N images only")
-    p.add_argument("--edits", nargs="+", default=None, choices=["crop", "jpeg", "colour", "blur", "rotation", "strong"],
-                   help="generic mode: the edits to make copies with (default: all)")
+    p.add_argument("--edits", nargs="+", default=None, help="generic mode: the edits to make copies with, of crop, "
+                   "jpeg, colour, blur, rotation, strong (default: all)")
     p.add_argument("--seed", type=int, default=0, help="generic mode: the copies' random edits")
     p.add_argument("--batch_size_per_gpu", type=int, default=128)
     p.add_argument("--output_dir", default="outputs/copy_detection", help="where copy_detection.json goes")

@@ -64,7 +64,7 @@ def test_dry_run_prints_the_paper_run_and_its_cost(capsys):
     assert main(["pretrain", "--config", "experiments/vit_small_16_100ep.yaml", "--dry-run", "--num_images", "100"]) == 2
 
 
-def test_video_and_copy_commands_on_a_backbone_only_file(cifar_rows, tmp_path, capsys):
+def test_video_and_copy_commands_on_a_backbone_only_file(cifar_rows, tmp_path, capsys, caplog):
     """The three commands of the reference's video and copy programs, wired end to end on a released-style file
     (a bare backbone state dict: the shape flags say what it is)."""
     import torch
@@ -90,3 +90,5 @@ def test_video_and_copy_commands_on_a_backbone_only_file(cifar_rows, tmp_path, c
                  "--imsize", "16", "--edits", "jpeg", "rotation", "--output_dir", str(tmp_path / "copy")]) == 0
     assert set(json.loads((tmp_path / "copy" / "copy_detection.json").read_text())["results"]) == {"jpeg", "rotation"}
     assert main(["eval-video-segmentation", *weights, "--data_path", str(tmp_path / "nowhere")]) == 2  # named, exit 2
+    assert main(["eval-copy-detection", *weights, "--data_path", str(cifar_rows), "--edits", "paint"]) == 2
+    assert "edit(s) ['paint'] unknown" in caplog.text

@@ -20,8 +20,8 @@ from dino_ray.data.datasets import build_dataset  # noqa: E402
 from dino_ray.data.synthetic import write_moving_disc  # noqa: E402
 from dino_ray.eval.features import backbone_from_weights, extract_features  # noqa: E402
 from dino_ray.eval.copy_detection import copy_scores  # noqa: E402
-from dino_ray.eval.jobs import (attention_job, attention_video_job, copy_detection_job, knn_job, linear_job,  # noqa: E402
-                                retrieval_job, video_segmentation_job)
+from dino_ray.eval.jobs import (attention_job, attention_video_job, copy_detection_job, knn_job,  # noqa: E402
+                                linear_job, retrieval_job, video_segmentation_job)
 from dino_ray.eval.linear import LinearArgs  # noqa: E402
 from dino_ray.eval.ray_features import extract_features_on_ray  # noqa: E402
 from dino_ray.eval.retrieval import generic_scores  # noqa: E402
@@ -177,7 +177,8 @@ def test_copy_detection_generic_and_copydays_modes_link_to_the_pretraining(pretr
     record = copy_detection_job(run.info.run_id, str(copydays), str(tmp_path / "days"), dataset="copydays", imsize=16,
                                 tracking_uri=pretraining["uri"])
     assert set(record["results"]) == {"original", "strong", "jpegqual/30"} and record["whitening_images"] == 0
-    assert record["results"]["original"] == pytest.approx(100) and record["results"]["jpegqual/30"] == pytest.approx(100)
+    assert record["results"]["original"] == pytest.approx(100)
+    assert record["results"]["jpegqual/30"] == pytest.approx(100)
     runs = children(pretraining, "copy_detection")
     assert len(runs) == 2 and {r.data.metrics.get("mAP_jpegqual_30") for r in runs} >= {100.0}
 

@@ -82,7 +82,8 @@ def test_a_moving_disc_is_tracked_far_better_than_by_its_first_mask(tmp_path):
     (tmp_path / "first" / video).mkdir(parents=True)
     for frame in written:  # the trivial baseline: the first mask, never moved
         shutil.copy(written[0], tmp_path / "first" / video / frame.name)
-    tracked, baseline = davis_scores(tmp_path / "pred", davis, [video]), davis_scores(tmp_path / "first", davis, [video])
+    tracked = davis_scores(tmp_path / "pred", davis, [video])
+    baseline = davis_scores(tmp_path / "first", davis, [video])
     assert baseline["J"] < 20 and tracked["J"] > baseline["J"] + 40 and tracked["F"] > baseline["F"] + 40
     assert tracked["J&F"] == pytest.approx((tracked["J"] + tracked["F"]) / 2)
 

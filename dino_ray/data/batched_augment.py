@@ -219,7 +219,8 @@ def apply_view(crops: torch.Tensor, params: ViewParams) -> torch.Tensor:
     return x.mul_(1 / std).add_(-mean / std)
 
 
-CHUNK_PIXELS = 2 ** 17  # crops per step (2 at 224 px, 14 at 96): a few MB of float32 stay in cache and in malloc's reused heap
+# Crops per step (2 at 224 px, 14 at 96): a few MB of float32 that stay in cache and in malloc's reused heap
+CHUNK_PIXELS = 2 ** 17
 
 
 class BatchedDataAugmentationDINO:

@@ -59,8 +59,8 @@ def batch_attention_maps(model: nn.Module, images: torch.Tensor, patch_size: int
     heads = attn.shape[1]
     masks = None
     if threshold is not None:
-        masks = F.interpolate(mass_mask(attn, threshold).reshape(batch, heads, grid_h, grid_w).float(), scale_factor=patch_size,
-                              mode="nearest").bool()
+        keep = mass_mask(attn, threshold).reshape(batch, heads, grid_h, grid_w).float()
+        masks = F.interpolate(keep, scale_factor=patch_size, mode="nearest").bool()
     maps = F.interpolate(attn.reshape(batch, heads, grid_h, grid_w), scale_factor=patch_size, mode="nearest")
     return maps, masks
 

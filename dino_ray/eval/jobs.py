@@ -265,10 +265,14 @@ def copy_detection_job(weights_source: str, data_path: str, output_dir: str, dat
     from dino_ray.eval.copy_detection import EDITS, copy_descriptor, copy_scores, learn_whitening, make_copies, \
         read_copydays
 
+    unknown = [edit for edit in edits if edit not in EDITS]
+    if unknown:
+        raise ValueError(f"edit(s) {unknown} unknown (choose from {', '.join(EDITS)})")
     out = Path(output_dir)
     weights, backbone, shape = load_backbone(weights_source, out, checkpoint_key, arch, patch_size, vit_shape,
                                              tracking_uri, checkpoint, vit_only=True)
-    prepare = transforms.Compose([transforms.Resize((imsize, imsize), interpolation=transforms.InterpolationMode.BICUBIC),
+    bicubic = transforms.InterpolationMode.BICUBIC
+    prepare = transforms.Compose([transforms.Resize((imsize, imsize), interpolation=bicubic),
                                   transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
     def describe(pictures: list, desc: str) -> torch.Tensor:
