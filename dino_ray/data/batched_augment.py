@@ -201,6 +201,10 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return out
 
 
+NORM_SCALE = 1 / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)  # (x - mean) / std = x * scale + shift
+NORM_SHIFT = -torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * NORM_SCALE
+
+
 def apply_view(crops: torch.Tensor, params: ViewParams) -> torch.Tensor:
     """Jitter, grayscale, blur, solarize and normalise uint8 crops (already flipped), in ``jitter_groups`` order;
     returns float32 crops."""
@@ -215,8 +219,7 @@ def apply_view(crops: torch.Tensor, params: ViewParams) -> torch.Tensor:
     if params.solarize.any():
         light = x[params.solarize]
         x[params.solarize] = torch.where(light >= 128 / 255, 1 - light, light)
-    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return x.mul_(1 / std).add_(-mean / std)
+    return x.mul_(NORM_SCALE).add_(NORM_SHIFT)
 
 
 # Crops per step (2 at 224 px, 14 at 96): a few MB of float32 that stay in cache and in malloc's reused heap

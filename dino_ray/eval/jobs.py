@@ -166,32 +166,38 @@ def retrieval_job(weights_source: str, data_path: str, output_dir: str, dataset:
         print(f"{dataset}: mAP M: {metrics['medium_mAP']:.2f}, H: {metrics['hard_mAP']:.2f}")
         shown = range(min(FIGURE_QUERIES, len(data["queries"])))
         figure = _ranking_figure(
-            [_load_rgb([data["queries"][q]])[0].crop(data["boxes"][q]) if data["boxes"][q] else
-             _load_rgb([data["queries"][q]])[0] for q in shown],
+            [picture.crop(box) for picture, box in zip(_load_rgb([data["queries"][q] for q in shown]),
+                                                       data["boxes"])],  # PIL: crop(None) is the whole picture
             [_load_rgb([data["images"][i] for i in ranks[:FIGURE_RESULTS, q]]) for q in shown],
             [[_verdict(i, data["gnd"][q]) for i in ranks[:FIGURE_RESULTS, q]] for q in shown], out / "retrieval.png")
     else:
         size = image_size or shape["image_size"]
-        features, labels = extract_features(backbone, build_dataset(data_path, eval_transform(size), max_images),
-                                            batch_size)
+        dataset = build_dataset(data_path, eval_transform(size), max_images)
+        features, labels = extract_features(backbone, dataset, batch_size)
         record.update({"data_path": data_path, "image_size": size, "images": len(labels)})
         record["results"] = {"generic": generic_scores(features, labels, ks)}
         result = record["results"]["generic"]
         metrics = {"mAP": result["mAP"], **{f"recall_at_{k}": v for k, v in result["recall@k"].items()}}
         print(f"retrieval over {len(labels)} images: mAP {result['mAP']:.2f}, "
               + ", ".join(f"recall@{k} {v:.2f}" for k, v in result["recall@k"].items()))
-        pictures = _pictures(data_path, max_images)  # the same images in the same order, bad ones skipped as there
         normed = torch.nn.functional.normalize(features, dim=1)
         shown = range(min(FIGURE_QUERIES, len(labels)))
         similarity = normed[list(shown)] @ normed.T
         similarity[torch.arange(len(shown)), torch.arange(len(shown))] = -float("inf")  # not itself
         top = similarity.topk(min(FIGURE_RESULTS, len(labels) - 1), dim=1).indices
-        figure = _ranking_figure([pictures[q] for q in shown], [[pictures[i] for i in row] for row in top.tolist()],
-                                 [[bool(labels[i] == labels[q]) for i in top[q].tolist()] for q in shown],
-                                 out / "retrieval.png")
+        figure = None
+        if len(labels) == len(dataset):  # feature row = dataset index: decode only the pictures shown
+            dataset.transform = None
+            figure = _ranking_figure([dataset[q][0] for q in shown], [[dataset[i][0] for i in row] for row in
+                                                                      top.tolist()],
+                                     [[bool(labels[i] == labels[q]) for i in top[q].tolist()] for q in shown],
+                                     out / "retrieval.png")
+        else:
+            log.info("%d image(s) did not decode: no retrieval.png (its rows would not match the dataset's)",
+                     len(dataset) - len(labels))
     (out / "retrieval.json").write_text(json.dumps(record, indent=2))
     _track("retrieval", record, metrics, {f"retrieval_{k}": v for k, v in metrics.items() if "mAP" in k}, weights,
-           eval_tracking_uri(tracking_uri, weights, out), [out / "retrieval.json", figure])
+           eval_tracking_uri(tracking_uri, weights, out), [out / "retrieval.json", *([figure] if figure else [])])
     log.info("retrieval results written to %s", out / "retrieval.json")
     return record
 
@@ -433,7 +439,7 @@ def video_segmentation_job(weights_source: str, data_path: str, output_dir: str,
             raise FileNotFoundError(f"video '{video}' has no first-frame annotation in '{annotations / video}'")
         labels = read_labels(first[0])
         with Image.open(first[0]) as image:
-            palette = np.array(image.getpalette()[:768] if image.getpalette() else davis_palette()).reshape(-1, 3)
+            palette = np.array(image.getpalette() or davis_palette()).reshape(-1, 3)
         segment_video(backbone, davis_frames(data_path, video), labels, out / video, shape["patch_size"], palette,
                       size, n_last_frames, size_mask_neighborhood, topk)
     record: dict[str, Any] = {"weights": weights_source, "checkpoint_epoch": weights.epoch,
