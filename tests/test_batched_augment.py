@@ -86,9 +86,10 @@ def test_blur_is_close_to_pils_gaussian_blur(sigma):
     assert difference.mean() < 1.0 and difference.max() < 8.0  # PIL approximates the Gaussian with 3 box blurs
 
 
-def test_blur_gives_each_crop_its_own_gaussian():
-    crops = torch.rand(2, 3, 20, 24, generator=torch.Generator().manual_seed(0))
-    together = B.gaussian_blur(crops, torch.tensor([0.5, 1.9]))  # one pass 2 x 6 + 1 taps wide, the first zero-padded
+def test_blur_gives_each_crop_its_own_gaussian_and_none_at_std_0():
+    crops = torch.rand(3, 3, 20, 24, generator=torch.Generator().manual_seed(0))
+    together = B.gaussian_blur(crops.clone(), torch.tensor([0.5, 1.9, 0.0]))
+    assert torch.equal(together[2], crops[2])
     for k, sigma in enumerate((0.5, 1.9)):
         reach = math.ceil(3 * sigma)
         taps = torch.arange(-reach, reach + 1, dtype=torch.float32)
