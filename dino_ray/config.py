@@ -15,7 +15,10 @@ from typing import Any, Optional, get_args, get_origin, get_type_hints
 
 import yaml
 
-ARCHS = ("vit_tiny", "vit_small", "vit_base", "resnet50")
+VIT_ARCHS = ("vit_tiny", "vit_small", "vit_base")
+ARCHS = (*VIT_ARCHS, "resnet50")  # the paper's; ``arch`` takes any torchvision architecture besides
+STEMS = ("default", "small", "small_stride2", "conv")
+CENTERINGS = ("centering", "sinkhorn_knopp")
 OPTIMIZERS = ("adamw", "sgd", "lars")
 
 
@@ -109,9 +112,9 @@ class DINOConfig:
     clip_grad: float = 3.0
     batch_size_per_gpu: int = 64
     epochs: int = 100
-    freeze_last_layer: int = 1
+    freeze_last_layer: float = 1  # epochs; a fraction (0.1) freezes part of one (dino-ray: the reference's is an int)
     lr: float = 0.0005
-    warmup_epochs: int = 10
+    warmup_epochs: float = 10  # epochs; fractions allowed (dino-ray: the reference's is an int)
     min_lr: float = 1e-6
     optimizer: str = "adamw"
     drop_path_rate: float = 0.1
@@ -129,6 +132,8 @@ class DINOConfig:
     global_crops_size: int = 224  # the reference hard-codes 224
     local_crops_size: int = 96  # the reference hard-codes 96
     blur_radius: tuple[float, float] = (0.1, 2.0)  # PIL blur radius range; the reference hard-codes (0.1, 2.0)
+    color_jitter_prob: float = 0.8  # the reference hard-codes these two
+    grayscale_prob: float = 0.2
     embed_dim: Optional[int] = None  # ViT width/depth/heads override, for CPU-sized models
     depth: Optional[int] = None
     num_heads: Optional[int] = None
@@ -143,6 +148,13 @@ class DINOConfig:
     data_loader: str = "torch"  # torch: DataLoader + DistributedSampler (the reference); ray_data: Ray Data tasks
     augmentation: str = "reference"  # reference: PIL image by image; batched: tensor ops on a batch (same views)
     log_freq: int = 10  # iterations between per-iteration metrics (progress bar, MLflow iter/*)
+    # --- short runs and small images (dino-ray; the defaults are the reference's behaviour) ---
+    stem: str = "default"  # small / small_stride2: 3x3 ResNet stem without max-pool; conv: ViT conv stem
+    width: float = 1.0  # ResNet stage widths x this
+    epoch_length: Optional[int] = None  # iterations per epoch (dinov2's OFFICIAL_EPOCH_LENGTH); None: the dataset
+    momentum_teacher_end: float = 1.0  # the teacher momentum's cosine ends here (the reference: 1)
+    centering: str = "centering"  # or sinkhorn_knopp (DINOv2): how the teacher's output is centred
+    koleo_loss_weight: float = 0.0  # DINOv2's KoLeo regulariser on the student's global-view features (it uses 0.1)
     # --- Ray and MLflow, in sections named after Ray's own objects ---
     scaling: ScalingSection = field(default_factory=ScalingSection)
     run: RunSection = field(default_factory=RunSection)
@@ -201,8 +213,33 @@ def _coerce(key: str, value: Any) -> Any:
 
 def _validate(cfg: DINOConfig) -> None:
     problems = []
-    if cfg.arch not in ARCHS:
-        problems.append(f"arch '{cfg.arch}' is unknown (choose from {', '.join(ARCHS)})")
+    if cfg.arch not in VIT_ARCHS:
+        from dino_ray.models.backbones import torchvision_archs
+
+        if cfg.arch not in torchvision_archs():
+            problems.append(f"arch '{cfg.arch}' is unknown (choose from {', '.join(VIT_ARCHS)} or a torchvision "
+                            f"architecture such as resnet18, resnet50)")
+        elif cfg.stem == "conv":
+            problems.append(f"stem 'conv' is for ViTs; arch '{cfg.arch}' takes default, small or small_stride2")
+        elif cfg.width != 1.0 and not cfg.arch.startswith("resnet"):
+            problems.append(f"width {cfg.width} is for ResNet archs, not '{cfg.arch}'")
+    elif cfg.stem not in ("default", "conv") or cfg.width != 1.0:
+        problems.append(f"arch '{cfg.arch}' takes stem default or conv and width 1, got {cfg.stem}, {cfg.width}")
+    if cfg.stem not in STEMS:
+        problems.append(f"stem '{cfg.stem}' is unknown (choose from {', '.join(STEMS)})")
+    if cfg.width <= 0:
+        problems.append(f"width must be > 0, got {cfg.width}")
+    if cfg.centering not in CENTERINGS:
+        problems.append(f"centering '{cfg.centering}' is unknown (choose from {', '.join(CENTERINGS)})")
+    if cfg.epoch_length is not None and cfg.epoch_length < 1:
+        problems.append(f"epoch_length must be >= 1 or null, got {cfg.epoch_length}")
+    if cfg.epoch_length is not None and cfg.data_loader != "torch":
+        problems.append("epoch_length needs data_loader: torch (Ray Data streams whole epochs)")
+    for key in ("color_jitter_prob", "grayscale_prob"):
+        if not 0 <= getattr(cfg, key) <= 1:
+            problems.append(f"{key} must be in [0, 1], got {getattr(cfg, key)}")
+    if not 0 <= cfg.momentum_teacher_end <= 1:
+        problems.append(f"momentum_teacher_end must be in [0, 1], got {cfg.momentum_teacher_end}")
     if cfg.data_loader not in DATA_LOADERS:
         problems.append(f"data_loader '{cfg.data_loader}' is unknown (choose from {', '.join(DATA_LOADERS)})")
     if cfg.augmentation not in AUGMENTATIONS:
@@ -213,7 +250,7 @@ def _validate(cfg: DINOConfig) -> None:
     if cfg.optimizer not in OPTIMIZERS:
         problems.append(f"optimizer '{cfg.optimizer}' is unknown (choose from {', '.join(OPTIMIZERS)})")
     for key in ("lr", "min_lr", "weight_decay", "weight_decay_end", "clip_grad", "drop_path_rate",
-                "warmup_teacher_temp", "teacher_temp"):
+                "warmup_teacher_temp", "teacher_temp", "koleo_loss_weight"):
         if getattr(cfg, key) < 0:
             problems.append(f"{key} must be >= 0, got {getattr(cfg, key)}")
     for key in ("patch_size", "out_dim", "batch_size_per_gpu", "epochs", "global_crops_size",

@@ -13,14 +13,15 @@ from torch import nn
 
 
 def cosine_scheduler(base_value: float, final_value: float, epochs: int, niter_per_ep: int,
-                     warmup_epochs: int = 0, start_warmup_value: float = 0) -> np.ndarray:
+                     warmup_epochs: float = 0, start_warmup_value: float = 0) -> np.ndarray:
     """One value per iteration: linear warmup (endpoint included) then a half cosine to ``final_value``.
 
     As the reference: the warmup is ``np.linspace`` with its endpoint, so ``base_value`` appears at the
     last warmup iteration and again at the first cosine one; the cosine never quite reaches the end.
+    A fractional ``warmup_epochs`` (dino-ray) warms up for that share of an epoch's iterations.
     """
-    warmup_iters = warmup_epochs * niter_per_ep
-    warmup = np.linspace(start_warmup_value, base_value, warmup_iters) if warmup_epochs > 0 else np.array([])
+    warmup_iters = int(round(warmup_epochs * niter_per_ep))
+    warmup = np.linspace(start_warmup_value, base_value, warmup_iters) if warmup_iters > 0 else np.array([])
     iters = np.arange(epochs * niter_per_ep - warmup_iters)
     cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / len(iters)))
     schedule = np.concatenate((warmup, cosine))
@@ -56,8 +57,11 @@ def clip_gradients(model: nn.Module, clip: float) -> torch.Tensor:
     return norms
 
 
-def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer: int) -> None:
-    """During the first ``freeze_last_layer`` epochs drop the prototypes' gradients (no step, no decay)."""
+def cancel_gradients_last_layer(epoch: float, model: nn.Module, freeze_last_layer: float) -> None:
+    """During the first ``freeze_last_layer`` epochs drop the prototypes' gradients (no step, no decay).
+
+    ``epoch`` may be fractional (iteration / iterations per epoch): with integer epochs and an integer
+    ``freeze_last_layer`` this freezes exactly the reference's iterations; a fraction freezes part of one."""
     if epoch >= freeze_last_layer:
         return
     for name, param in model.named_parameters():

@@ -2,10 +2,10 @@
 
 Runs offline in minutes on 2 CPU cores: ``experiments/cifar10_cpu.yaml`` on a 1-worker Ray Train
 run (a local Ray instance is started), tracked in the embedded MLflow store under the output
-folder; then the weighted k-NN (k=20, T=0.07) on a held-out split, for the pretrained teacher and
-for the same network at its random initialisation, so the gain from pretraining is visible; then
-the teacher's last-block attention maps for a few held-out images. The evaluations are MLflow runs
-nested under the pretraining run.
+folder; then the weighted k-NN (k=20, T=0.07) on a held-out split, for the pretrained teacher, for
+the same network at its random initialisation and for the raw pixels, so the gain from pretraining is
+visible; then, for a ViT, the teacher's last-block attention maps for a few held-out images. The
+evaluations are MLflow runs nested under the pretraining run. Data: ``dino_ray.data.cifar10``.
 """
 from __future__ import annotations
 
@@ -18,9 +18,12 @@ from typing import Optional
 
 import ray
 import torch
+from torch import nn
+from torch.utils.data import Dataset, Subset
 
 from dino_ray.config import load_config
 from dino_ray.data.augment import eval_transform
+from dino_ray.data.cifar10 import quickstart_data
 from dino_ray.data.datasets import build_dataset
 from dino_ray.eval.attention import save_attention
 from dino_ray.eval.knn import evaluate_knn
@@ -35,12 +38,23 @@ log = logging.getLogger("dino_ray.quickstart")
 CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "cifar10_cpu.yaml"
 
 
-def run_quickstart(train_data: str, val_data: str, output_dir: str, overrides: Optional[list[str]] = None,
-                   knn_train_images: int = 5000, knn_val_images: int = 2000, attention_images: int = 4) -> dict:
+def random_subset(dataset: Dataset, count: int, seed: int = 0) -> Dataset:
+    """``count`` images drawn with a fixed seed (converted folders are sorted by class: the first N are not
+    a sample), or the whole dataset when it is smaller."""
+    if len(dataset) <= count:
+        return dataset
+    return Subset(dataset, torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count].tolist())
+
+
+def run_quickstart(train_data: Optional[str], val_data: Optional[str], output_dir: str,
+                   overrides: Optional[list[str]] = None, knn_train_images: int = 5000, knn_val_images: int = 2000,
+                   attention_images: int = 4, config: str | Path = CONFIG) -> dict:
     """Pretrain on Ray, evaluate, log to MLflow, write ``quickstart.json``; returns its content."""
+    train_data, val_data, data_source = quickstart_data(train_data, val_data)
+    log.info("quickstart data: %s (pretrain on %s, k-NN held out: %s)", data_source, train_data, val_data)
     out = Path(output_dir).resolve()
     run_name = time.strftime("quickstart-%Y%m%d-%H%M%S")  # a new run each time; earlier ones stay comparable
-    cfg = load_config(CONFIG, [f"data_path={train_data}", f"output_dir={out}", "scaling.num_workers=1",
+    cfg = load_config(config, [f"data_path={train_data}", f"output_dir={out}", "scaling.num_workers=1",
                                f"run.name={run_name}", f"eval.knn_val_data={val_data}", *(overrides or [])])
     started_ray = not ray.is_initialized()
     if started_ray:
@@ -60,14 +74,15 @@ def run_quickstart(train_data: str, val_data: str, output_dir: str, overrides: O
     trained_epochs = torch.load(final / "checkpoint.pth", weights_only=True)["epoch"]
 
     transform = eval_transform(cfg.global_crops_size, cfg.global_crops_size)
-    knn_train = build_dataset(train_data, transform, knn_train_images)
-    knn_val = build_dataset(val_data, transform, knn_val_images)
+    knn_train = random_subset(build_dataset(train_data, transform), knn_train_images)
+    knn_val = random_subset(build_dataset(val_data, transform), knn_val_images)
     torch.manual_seed(cfg.seed)
     _, random_init = build_student_teacher(cfg)  # the exact initial weights of this run
     _, pretrained = build_student_teacher(cfg)
     load_pretrained_weights(pretrained.backbone, final / "checkpoint.pth", "teacher")
     results = {}
-    for name, model in (("random_init", random_init.backbone), ("pretrained", pretrained.backbone)):
+    for name, model in (("random_init", random_init.backbone), ("pretrained", pretrained.backbone),
+                        ("raw_pixels", nn.Flatten())):  # normalised pixels, cosine similarity: the bar to beat
         top1, top5 = evaluate_knn(model, knn_train, knn_val, nb_knn=[20], temperature=0.07, batch_size=256)[20]
         results[name] = {"top1": top1, "top5": top5}
 
@@ -76,25 +91,28 @@ def run_quickstart(train_data: str, val_data: str, output_dir: str, overrides: O
                                                  "val_images": len(knn_val), "val_data": val_data},
                            epoch=trained_epochs)
     knn_run.log_metrics({"top1_k20": results["pretrained"]["top1"], "top5_k20": results["pretrained"]["top5"],
-                         "random_init_top1_k20": results["random_init"]["top1"]}, step=trained_epochs - 1)
+                         "random_init_top1_k20": results["random_init"]["top1"],
+                         "raw_pixels_top1_k20": results["raw_pixels"]["top1"]}, step=trained_epochs - 1)
     knn_run.finish()
 
     attention_dir = out / "attention"
-    attention_run = eval_tracker(uri, run_id, "attention", {"images": attention_images, "threshold": 0.6,
-                                                            "image_size": 4 * cfg.global_crops_size},
-                                 epoch=trained_epochs)
-    for image in first_images(val_data, attention_dir / "inputs", attention_images):
-        files = save_attention(pretrained.backbone, image, attention_dir / image.stem, cfg.patch_size,
-                               image_size=4 * cfg.global_crops_size, threshold=0.6)
-        attention_run.log_artifact(files[-1], f"attention/{image.stem}")
-    attention_run.finish()
+    if cfg.arch.startswith("vit") and attention_images:  # a convolutional backbone has no attention to show
+        attention_run = eval_tracker(uri, run_id, "attention", {"images": attention_images, "threshold": 0.6,
+                                                                "image_size": 4 * cfg.global_crops_size},
+                                     epoch=trained_epochs)
+        for image in first_images(val_data, attention_dir / "inputs", attention_images):
+            files = save_attention(pretrained.backbone, image, attention_dir / image.stem, cfg.patch_size,
+                                   image_size=4 * cfg.global_crops_size, threshold=0.6)
+            attention_run.log_artifact(files[-1], f"attention/{image.stem}")
+        attention_run.finish()
 
     losses = [json.loads(line)["train_loss"] for line in open(final / "log.txt")]
-    summary = {"train_minutes": round(train_minutes, 2), "epochs": cfg.epochs, "loss_first_epoch": losses[0],
+    summary = {"train_minutes": round(train_minutes, 2), "epochs": cfg.epochs, "data": data_source,
+               "train_data": train_data, "val_data": val_data, "arch": cfg.arch, "loss_first_epoch": losses[0],
                "loss_last_epoch": losses[-1], "images_per_s": result.metrics.get("images_per_s"),
                "knn_train_images": len(knn_train), "knn_val_images": len(knn_val), "knn_k20": results,
                "mlflow_run_id": run_id, "tracking_uri": uri, "checkpoint": str(final / "checkpoint.pth"),
-               "attention": str(attention_dir)}
+               "attention": str(attention_dir) if attention_dir.exists() else None}
     (out / "quickstart.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -102,19 +120,26 @@ def run_quickstart(train_data: str, val_data: str, output_dir: str, overrides: O
 def main(argv: Optional[list[str]] = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--train_data", required=True, help="Parquet file/folder or ImageFolder to pretrain on")
-    parser.add_argument("--val_data", required=True, help="held-out labelled images for k-NN")
+    parser.add_argument("--train_data", default=None, help="Parquet file/folder or ImageFolder to pretrain on "
+                        "(default: CIFAR-10 from ../shared, a download, or the repository's sample)")
+    parser.add_argument("--val_data", default=None, help="held-out labelled images for k-NN")
     parser.add_argument("--output_dir", default="outputs/quickstart")
+    parser.add_argument("--config", default=str(CONFIG), help="the recipe (experiments/cifar10_cpu_vit.yaml: a ViT, "
+                        "with attention maps)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
-    summary = run_quickstart(args.train_data, args.val_data, args.output_dir, args.overrides)
+    summary = run_quickstart(args.train_data, args.val_data, args.output_dir, args.overrides, config=args.config)
     knn = summary["knn_k20"]
     print(f"\nDINO pretraining: {summary['epochs']} epochs in {summary['train_minutes']} min, "
           f"loss {summary['loss_first_epoch']:.3f} -> {summary['loss_last_epoch']:.3f}")
+    print(f"data: {summary['data']}")
     print(f"k-NN top-1 (k=20) on {summary['knn_val_images']} held-out images: "
-          f"pretrained teacher {knn['pretrained']['top1']:.1f}% vs random init {knn['random_init']['top1']:.1f}%")
-    print(f"checkpoint: {summary['checkpoint']}; attention maps: {summary['attention']}")
-    print(f"MLflow run {summary['mlflow_run_id']} (k-NN and attention runs nested under it). Open the UI with:")
+          f"pretrained teacher {knn['pretrained']['top1']:.1f}%, random init {knn['random_init']['top1']:.1f}%, "
+          f"raw pixels {knn['raw_pixels']['top1']:.1f}%")
+    print(f"checkpoint: {summary['checkpoint']}" + (f"; attention maps: {summary['attention']}" if summary["attention"]
+                                                     else f" ({summary['arch']}: no attention maps; a ViT recipe "
+                                                          f"has them: --config experiments/cifar10_cpu_vit.yaml)"))
+    print(f"MLflow run {summary['mlflow_run_id']} (its evaluations nested under it). Open the UI with:")
     print(f"  {ui_command(summary['tracking_uri'])}")
 
 

@@ -49,3 +49,13 @@ def test_saved_files_and_the_side_by_side_figure(tmp_path):
     with Image.open(tmp_path / "out" / "attention.png") as figure:
         figure.load()  # decodes: a readable PNG
         assert figure.format == "PNG" and figure.size[0] > 2 * figure.size[1]  # image + 2 heads side by side
+
+
+def test_a_conv_stem_vit_has_attention_maps_too(tmp_path):
+    """The ViT CPU recipe's convolutional stem keeps the patch grid: one map per head at the image's size."""
+    Image.fromarray((torch.rand(32, 32, 3) * 255).byte().numpy()).save(tmp_path / "photo.png")
+    model = build_backbone("vit_tiny", 4, img_size=32, embed_dim=32, depth=2, num_heads=2, stem="conv").eval()
+    files = save_attention(model, tmp_path / "photo.png", tmp_path / "out", 4, image_size=128, threshold=0.6)
+    assert {f.name for f in files} >= {"attn-head0.png", "attn-head1.png", "attention.png"}
+    with Image.open(tmp_path / "out" / "attn-head1.png") as head:
+        assert head.size == (128, 128)

@@ -43,10 +43,26 @@ def test_yaml_then_overrides(tmp_path):
     (["use_fp16=maybe"], "config key 'use_fp16'"),
     (["global_crops_size=30", "patch_size=16"], r"global_crops_size \(30\) is not a multiple of patch_size"),
     (["lr"], "override 'lr' is not of the form key=value"),
+    (["arch=resnet18", "stem=conv"], "stem 'conv' is for ViTs"),
+    (["stem=small"], "arch 'vit_small' takes stem default or conv"),
+    (["arch=efficientnet_b0", "width=0.5"], "width 0.5 is for ResNet archs"),
+    (["arch=resnet18", "width=0"], "width must be > 0"),
+    (["centering=median"], "centering 'median' is unknown"),
+    (["epoch_length=0"], "epoch_length must be >= 1"),
+    (["epoch_length=10", "data_loader=ray_data"], "epoch_length needs data_loader: torch"),
+    (["momentum_teacher_end=1.5"], r"momentum_teacher_end must be in \[0, 1\]"),
+    (["koleo_loss_weight=-1"], "koleo_loss_weight must be >= 0"),
 ])
 def test_bad_values_are_named(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
+
+
+def test_any_torchvision_arch_and_short_run_keys_are_accepted():
+    cfg = load_config(None, ["arch=resnet18", "stem=small", "width=0.5", "warmup_epochs=0.25", "freeze_last_layer=0.1",
+                             "epoch_length=50", "centering=sinkhorn_knopp", "koleo_loss_weight=0.1"])
+    assert (cfg.arch, cfg.stem, cfg.width, cfg.warmup_epochs, cfg.epoch_length) == ("resnet18", "small", 0.5, 0.25, 50)
+    assert load_config(None, ["arch=convnext_tiny"]).arch == "convnext_tiny"
 
 
 def test_missing_and_malformed_files(tmp_path):
@@ -60,4 +76,4 @@ def test_missing_and_malformed_files(tmp_path):
 @pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_experiment_config_is_valid(path):
     cfg = load_config(path)
-    assert cfg.arch in ("vit_tiny", "vit_small", "vit_base", "resnet50")
+    assert cfg.arch in ("vit_tiny", "vit_small", "vit_base", "resnet50", "resnet18")

@@ -8,7 +8,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from dino_ray import DINOLoss
-from dino_ray.loss import teacher_temp_schedule
+from dino_ray.loss import koleo_loss, sinkhorn_knopp, teacher_temp_schedule
 
 
 def manual_loss(student, teacher, center, ncrops, student_temp, teacher_temp):
@@ -80,6 +80,20 @@ def test_center_is_all_reduced_across_ranks(tmp_path):
         assert torch.allclose(results[rank], torch.full((1, 4), 0.1 * global_mean))
 
 
+def _sinkhorn_worker(rank, world, init_file, teacher, results):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    results[rank] = sinkhorn_knopp(teacher.chunk(world)[rank], 0.1)
+    dist.destroy_process_group()
+
+
+def test_sinkhorn_knopp_over_ranks_equals_one_process_on_the_whole_batch(tmp_path):
+    torch.manual_seed(6)
+    teacher = torch.randn(8, 5) * 3
+    results = mp.Manager().dict()
+    mp.spawn(_sinkhorn_worker, args=(2, str(tmp_path / "init"), teacher, results), nprocs=2)
+    assert torch.allclose(torch.cat([results[0], results[1]]), sinkhorn_knopp(teacher, 0.1), atol=1e-6)
+
+
 def test_works_without_a_process_group():
     assert not (dist.is_available() and dist.is_initialized())
     loss = DINOLoss(8, 4, 0.04, 0.04, 0, 1)(torch.randn(8, 8), torch.randn(4, 8), 0)
@@ -115,3 +129,60 @@ def test_collapse_monitors_read_zero_and_log_k_at_the_two_collapses():
     loss_fn(one_hot, one_hot, 0)
     assert loss_fn.last_teacher_entropy.item() == pytest.approx(0.0, abs=1e-4)
     assert loss_fn.last_kl.item() == pytest.approx(0.0, abs=1e-4)
+
+
+def test_sinkhorn_knopp_equals_its_definition_on_a_hand_case():
+    """DINOv2's three iterations written out on a 2-prototype, 2-sample case: Q = exp(t / temp) normalised,
+    then rows to 1/K and columns to 1/B in turn, scaled by B."""
+    teacher = torch.tensor([[1.0, 0.0], [1.0, 0.5]])  # both samples prefer prototype 0
+    q = torch.exp(teacher / 0.5).t()
+    q = q / q.sum()
+    for _ in range(3):
+        q = q / q.sum(dim=1, keepdim=True) / 2
+        q = q / q.sum(dim=0, keepdim=True) / 2
+    expected = (q * 2).t()
+    targets = sinkhorn_knopp(teacher, 0.5)
+    assert torch.allclose(targets, expected, atol=1e-6)
+    assert torch.allclose(targets.sum(dim=1), torch.ones(2), atol=1e-6)   # each row a distribution
+    assert torch.allclose(targets.sum(dim=0), torch.ones(2), atol=2e-2)   # prototypes shared (nearly) equally
+    assert targets[1, 1] > targets[0, 1]  # the sample that leans to prototype 1 gets more of it
+
+
+def test_sinkhorn_knopp_balances_a_collapsed_teacher_and_survives_large_logits():
+    torch.manual_seed(3)
+    teacher = torch.randn(64, 16) * 0.01 + torch.arange(16.0) * 0.3  # every row prefers the last prototype
+    softmax = F.softmax(teacher / 0.04, dim=-1)
+    targets = sinkhorn_knopp(teacher, 0.04, n_iterations=10)
+    assert softmax.mean(0).max() > 0.9  # plain softmax: one prototype takes the batch
+    assert torch.allclose(targets.mean(0), torch.full((16,), 1 / 16), atol=1e-3)
+    assert torch.isfinite(sinkhorn_knopp(teacher * 1e4, 0.04)).all()  # exp(1e5) would overflow unshifted
+
+
+def test_dino_loss_with_sinkhorn_knopp_uses_its_targets_and_leaves_the_center():
+    torch.manual_seed(4)
+    loss_fn = DINOLoss(8, 3, 0.04, 0.04, 0, 1, centering="sinkhorn_knopp")
+    student, teacher = torch.randn(6, 8), torch.randn(4, 8)
+    targets = sinkhorn_knopp(teacher, 0.04).chunk(2)
+    s = [F.log_softmax(c / 0.1, dim=-1) for c in student.chunk(3)]
+    terms = [-(targets[i] * s[v]).sum(-1).mean() for i in range(2) for v in range(3) if v != i]
+    assert torch.allclose(loss_fn(student, teacher, 0), sum(terms) / len(terms), atol=1e-5)
+    assert torch.equal(loss_fn.center, torch.zeros(1, 8))
+    with pytest.raises(ValueError, match="centering 'median'"):
+        DINOLoss(8, 3, 0.04, 0.04, 0, 1, centering="median")
+
+
+def test_koleo_is_minus_mean_log_nearest_neighbour_distance():
+    """Three unit vectors: (1,0), (0,1) and (0.6,0.8). Nearest neighbours: (1,0)->(0.6,0.8) at sqrt(0.8),
+    (0,1)->(0.6,0.8) at sqrt(0.4), (0.6,0.8)->(0,1) at sqrt(0.4); inputs are normalised first."""
+    features = torch.tensor([[2.0, 0.0], [0.0, 3.0], [0.6, 0.8]], requires_grad=True)
+    expected = -(np.log(np.sqrt(0.8)) + 2 * np.log(np.sqrt(0.4))) / 3
+    loss = koleo_loss(features)
+    assert loss.item() == pytest.approx(expected, abs=1e-5)
+    loss.backward()
+    assert torch.isfinite(features.grad).all() and features.grad.abs().sum() > 0
+
+
+def test_koleo_prefers_spread_features():
+    spread = torch.eye(4)
+    bunched = torch.eye(4) * 0.1 + 1.0
+    assert koleo_loss(spread) < koleo_loss(bunched)

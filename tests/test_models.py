@@ -36,6 +36,62 @@ def test_resnet50_has_no_classifier():
     assert model(torch.randn(2, 3, 64, 64)).shape == (2, 2048)
 
 
+@pytest.mark.parametrize("arch,dim", [("resnet18", 512), ("resnet34", 512), ("mobilenet_v3_small", 1024),
+                                      ("efficientnet_b0", 1280), ("regnet_x_400mf", 400)])
+def test_torchvision_archs_lose_their_classifier_and_train_a_step(arch, dim):
+    """As the reference's ``--arch``: any torchvision classification network, its last Linear removed."""
+    model = build_backbone(arch)
+    assert model.embed_dim == dim
+    wrapper = MultiCropWrapper(model, DINOHead(dim, 16, hidden_dim=32, bottleneck_dim=8))
+    optimizer = torch.optim.SGD(wrapper.parameters(), lr=0.1)
+    before = copy.deepcopy(model.state_dict())
+    wrapper([torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64), torch.randn(2, 3, 32, 32)]).sum().backward()
+    optimizer.step()
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_small_image_stem_is_a_3x3_stride_1_convolution_without_max_pool():
+    model = build_backbone("resnet18", stem="small")
+    assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1) and isinstance(model.maxpool, nn.Identity)
+    seen = []
+    model.layer1.register_forward_hook(lambda m, i, o: seen.append(o.shape[-1]))
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 512)
+    assert seen == [32]  # full resolution in the first stage (the default stem leaves 8 of 32)
+    model = build_backbone("resnet18", stem="small_stride2")
+    model.layer1.register_forward_hook(lambda m, i, o: seen.append(o.shape[-1]))
+    model(torch.randn(1, 3, 32, 32))
+    assert seen[-1] == 16
+
+
+def test_width_scales_resnet_stages_and_keeps_torchvision_names():
+    narrow = build_backbone("resnet18", width=0.25, stem="small")
+    full = build_backbone("resnet18")
+    assert narrow.embed_dim == 128 and narrow(torch.randn(2, 3, 32, 32)).shape == (2, 128)
+    assert list(narrow.state_dict()) == list(full.state_dict())  # torchvision's parameter names, narrower tensors
+    assert narrow.conv1.out_channels == 16  # the stem too
+    wide50 = build_backbone("resnet50", width=0.5)
+    assert wide50.embed_dim == 1024 and wide50(torch.randn(2, 3, 32, 32)).shape == (2, 1024)
+    assert list(wide50.state_dict()) == list(build_backbone("resnet50").state_dict())
+    assert narrow.state_dict()["layer1.0.conv1.weight"].shape[0] == 16
+    with pytest.raises(ValueError, match="width 0.5 is for the ResNets"):
+        build_backbone("efficientnet_b0", width=0.5)
+
+
+def test_vit_conv_stem_has_the_patch_stride_and_trains():
+    model = build_backbone("vit_tiny", 4, img_size=32, embed_dim=32, depth=1, num_heads=2, stem="conv")
+    strides = [m.stride[0] for m in model.patch_embed.proj if isinstance(m, nn.Conv2d)]
+    assert strides == [2, 2, 1]  # two 3x3 stride-2 convolutions, then the 1x1 projection
+    assert model.patch_embed.proj[-1].out_channels == 32
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 32) and model(torch.randn(2, 3, 16, 16)).shape == (2, 32)
+    assert get_last_selfattention(model, torch.randn(1, 3, 32, 32)).shape == (1, 2, 65, 65)  # 8x8 patches + CLS
+    with pytest.raises(ValueError, match="power-of-two patch_size"):
+        build_backbone("vit_tiny", 3, img_size=30, embed_dim=32, depth=1, num_heads=2, stem="conv")
+    with pytest.raises(ValueError, match="a ViT takes stem 'default' or 'conv'"):
+        build_backbone("vit_tiny", 4, stem="small")
+    with pytest.raises(ValueError, match="stem 'conv' is for ViTs"):
+        build_backbone("resnet18", stem="conv")
+
+
 def test_unknown_arch_is_an_error():
     with pytest.raises(ValueError, match="unknown arch 'vit_huge'"):
         build_backbone("vit_huge")

@@ -24,6 +24,24 @@ def test_cosine_scheduler_without_warmup_starts_at_base():
     assert np.isclose(s[0], 0.04) and np.all(np.diff(s) > 0)
 
 
+def test_fractional_warmup_spends_that_share_of_an_epoch():
+    """Short runs: 0.25 of a 100-iteration epoch warms up for 25 iterations, then the cosine starts."""
+    s = cosine_scheduler(1.0, 0.0, epochs=2, niter_per_ep=100, warmup_epochs=0.25)
+    assert len(s) == 200 and s[0] == 0.0 and s[24] == 1.0 and s[25] == 1.0 and s[26] < 1.0
+    assert np.all(np.diff(s[:25]) > 0) and np.all(np.diff(s[25:]) < 0)
+    assert np.isclose(s[-1], 0.5 * (1 + np.cos(np.pi * 174 / 175)))  # the reference's end, not quite 0
+
+
+def test_fractional_freeze_drops_the_last_layer_gradients_only_for_that_share():
+    head = DINOHead(8, 4, hidden_dim=8, bottleneck_dim=4, norm_last_layer=False)
+    for epoch, frozen in ((0.0, True), (0.09, True), (0.1, False), (1.5, False)):
+        head.zero_grad(set_to_none=False)
+        head(torch.randn(2, 8)).sum().backward()
+        cancel_gradients_last_layer(epoch, head, 0.1)
+        assert (head.last_layer.weight_v.grad is None) == frozen
+        assert head.mlp[0].weight.grad is not None
+
+
 def test_params_groups_decay_matrices_not_biases_or_norms():
     model = MultiCropWrapper(build_backbone("vit_tiny", 4, img_size=16, embed_dim=32, depth=1, num_heads=2),
                              DINOHead(32, 16, norm_last_layer=False, hidden_dim=32, bottleneck_dim=8))

@@ -164,3 +164,28 @@ def test_runs_unchanged_under_torch_distributed_gloo(tiny_cfg, tmp_path):
         assert sorted(indices) == list(range(128))
     # lr scaled by the total batch: 8 per rank x 2 ranks = 16
     assert read_log(cfg)[0]["train_lr"] <= cfg.lr * 16 / 256
+
+
+def test_fixed_length_epochs_walk_through_the_data_once_per_pass():
+    """epoch_length (dinov2's fixed epochs): consecutive epochs continue one shuffled pass, ranks disjoint."""
+    epochs = [[list(loop.EpochSliceSampler(10, 3, 2, rank, seed=0, epoch=e)) for rank in (0, 1)] for e in range(5)]
+    stream = [i for ranks in epochs for pair in zip(*ranks) for i in pair]  # 5 epochs x 6 = 30 = 3 passes of 10
+    for data_pass in range(3):
+        assert sorted(stream[10 * data_pass:10 * (data_pass + 1)]) == list(range(10))
+    assert stream[:10] != stream[10:20]  # each pass reshuffled
+    assert all(len(r) == 3 for ranks in epochs for r in ranks)
+
+
+def test_small_image_resnet_with_short_run_options_trains_and_resumes_its_shape(tiny_cfg):
+    """A CIFAR ResNet-18 (narrow, small stem) with fixed-length epochs, Sinkhorn-Knopp centring and KoLeo."""
+    cfg = tiny_cfg(arch="resnet18", patch_size=16, stem="small_stride2", width=0.25, epochs=2, epoch_length=3,
+                   warmup_epochs=0.5, freeze_last_layer=0.4, centering="sinkhorn_knopp", koleo_loss_weight=0.1,
+                   use_bn_in_head=True, **{"embed_dim": None, "depth": None, "num_heads": None})
+    train_dino(cfg, show_progress=False)
+    lines = read_log(cfg)
+    assert [line["epoch"] for line in lines] == [0, 1] and all(line["train_epoch_seconds"] > 0 for line in lines)
+    checkpoint = torch.load(f"{cfg.output_dir}/checkpoint.pth", weights_only=True)
+    assert checkpoint["teacher"]["backbone.layer1.0.conv1.weight"].shape[0] == 16
+    backbone = build_backbone("resnet18", stem="small_stride2", width=0.25)
+    load_pretrained_weights(backbone, f"{cfg.output_dir}/checkpoint.pth", "teacher")
+    assert backbone(torch.randn(2, 3, 16, 16)).shape == (2, 128)

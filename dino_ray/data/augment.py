@@ -38,12 +38,13 @@ def normalize() -> transforms.Compose:
 class DataAugmentationDINO:
     def __init__(self, global_crops_scale: Sequence[float], local_crops_scale: Sequence[float],
                  local_crops_number: int, global_crops_size: int = 224, local_crops_size: int = 96,
-                 blur_radius: Sequence[float] = (0.1, 2.0)) -> None:
+                 blur_radius: Sequence[float] = (0.1, 2.0), color_jitter_prob: float = 0.8,
+                 grayscale_prob: float = 0.2) -> None:
         flip_and_color_jitter = transforms.Compose([
             transforms.RandomHorizontalFlip(p=0.5),
             transforms.RandomApply(
-                [transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
-            transforms.RandomGrayscale(p=0.2),
+                [transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=color_jitter_prob),
+            transforms.RandomGrayscale(p=grayscale_prob),
         ])
         bicubic = transforms.InterpolationMode.BICUBIC
         self.global_transfo1 = transforms.Compose([

@@ -80,7 +80,8 @@ def sample_boxes(heights: torch.Tensor, widths: torch.Tensor, scale: Sequence[fl
 
 def sample_view_params(heights: torch.Tensor, widths: torch.Tensor, scale: Sequence[float], blur_p: float,
                        solarize_p: float, blur_radius: Sequence[float],
-                       generator: Optional[torch.Generator] = None) -> ViewParams:
+                       generator: Optional[torch.Generator] = None, jitter_p: float = 0.8,
+                       gray_p: float = 0.2) -> ViewParams:
     """Every random decision of one view for crops of images of the given sizes, drawn independently per crop."""
     n = heights.numel()
 
@@ -94,9 +95,9 @@ def sample_view_params(heights: torch.Tensor, widths: torch.Tensor, scale: Seque
     ], dim=1).float()
     return ViewParams(
         boxes=sample_boxes(heights, widths, scale, generator),
-        flip=coin(0.5), jitter=coin(0.8), factors=factors,
+        flip=coin(0.5), jitter=coin(jitter_p), factors=factors,
         order=torch.argsort(torch.rand(n, 4, generator=generator), dim=1),
-        gray=coin(0.2), blur=coin(blur_p), sigma=_uniform((n,), blur_radius[0], blur_radius[1], generator).float(),
+        gray=coin(gray_p), blur=coin(blur_p), sigma=_uniform((n,), blur_radius[0], blur_radius[1], generator).float(),
         solarize=coin(solarize_p),
     )
 
@@ -219,7 +220,8 @@ class BatchedDataAugmentationDINO:
 
     def __init__(self, global_crops_scale: Sequence[float], local_crops_scale: Sequence[float],
                  local_crops_number: int, global_crops_size: int = 224, local_crops_size: int = 96,
-                 blur_radius: Sequence[float] = (0.1, 2.0), generator: Optional[torch.Generator] = None) -> None:
+                 blur_radius: Sequence[float] = (0.1, 2.0), generator: Optional[torch.Generator] = None,
+                 color_jitter_prob: float = 0.8, grayscale_prob: float = 0.2) -> None:
         self.views = [  # (crops per image, size, scale, blur p, solarize p)
             (1, global_crops_size, tuple(global_crops_scale), 1.0, 0.0),
             (1, global_crops_size, tuple(global_crops_scale), 0.1, 0.2),
@@ -228,6 +230,7 @@ class BatchedDataAugmentationDINO:
         self.local_crops_number = local_crops_number
         self.blur_radius = tuple(blur_radius)
         self.generator = generator
+        self.color_jitter_prob, self.grayscale_prob = color_jitter_prob, grayscale_prob
 
     def __call__(self, images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         cv2.setNumThreads(torch.get_num_threads())  # a loader process's share of cores, as torch's ops get
@@ -239,7 +242,7 @@ class BatchedDataAugmentationDINO:
                 continue
             owner = torch.arange(len(images)).repeat_interleave(per_image)
             params = sample_view_params(heights[owner], widths[owner], scale, blur_p, solarize_p, self.blur_radius,
-                                        self.generator)
+                                        self.generator, self.color_jitter_prob, self.grayscale_prob)
             order = jitter_groups(params)
             params, owner = params.select(order), owner[order]
             crops = torch.empty(len(owner), 3, size, size)

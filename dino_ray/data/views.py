@@ -22,7 +22,8 @@ Augmentation = Union[DataAugmentationDINO, BatchedDataAugmentationDINO]
 def build_augmentation(cfg: DINOConfig) -> Augmentation:
     kind = BatchedDataAugmentationDINO if cfg.augmentation == "batched" else DataAugmentationDINO
     return kind(cfg.global_crops_scale, cfg.local_crops_scale, cfg.local_crops_number, cfg.global_crops_size,
-                cfg.local_crops_size, cfg.blur_radius)
+                cfg.local_crops_size, cfg.blur_radius, color_jitter_prob=cfg.color_jitter_prob,
+                grayscale_prob=cfg.grayscale_prob)
 
 
 def batch_views(augmentation: Augmentation, images: list[Image.Image]) -> list[torch.Tensor]:

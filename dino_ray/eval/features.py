@@ -57,14 +57,15 @@ def backbone_from_weights(pretrained_weights: str, arch: Optional[str] = None, p
     for key in ("embed_dim", "depth", "num_heads"):
         if vit_kwargs.get(key) or recorded.get(key):
             shape[key] = vit_kwargs.get(key) or recorded.get(key)
+    shape["stem"], shape["width"] = recorded.get("stem", "default"), recorded.get("width", 1.0)
     if shape["arch"].startswith("vit"):
         extra = {k: v for k, v in shape.items() if k in ("embed_dim", "depth", "num_heads")}
         img_size = recorded.get("global_crops_size") or _trained_size(checkpoint, checkpoint_key, shape["patch_size"])
-        backbone = build_backbone(shape["arch"], shape["patch_size"], img_size=img_size, **extra)
+        backbone = build_backbone(shape["arch"], shape["patch_size"], img_size=img_size, stem=shape["stem"], **extra)
         shape["image_size"] = img_size
     else:
-        backbone = build_backbone(shape["arch"])
-        shape["image_size"] = 224
+        backbone = build_backbone(shape["arch"], stem=shape["stem"], width=shape["width"])
+        shape["image_size"] = recorded.get("global_crops_size", 224)
     load_checkpoint_weights(backbone, checkpoint, checkpoint_key, pretrained_weights)
     return backbone, shape
 

@@ -66,7 +66,7 @@ def knn_monitor(checkpoint: Any, config: dict[str, Any], epoch: int) -> dict[str
         return metrics
     with tempfile.TemporaryDirectory() as scratch:
         figures = []
-        if cfg.eval.attention_images:
+        if cfg.eval.attention_images and cfg.arch.startswith("vit"):  # a convolutional backbone has no attention
             inputs = first_images(cfg.eval.knn_val_data, Path(scratch) / "inputs", cfg.eval.attention_images)
             for i, image in enumerate(inputs):
                 files = save_attention(backbone, image, Path(scratch) / f"img{i:02d}", cfg.patch_size,

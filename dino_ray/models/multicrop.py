@@ -17,10 +17,14 @@ class MultiCropWrapper(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | list[torch.Tensor], return_features: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Head outputs of all crops stacked; with ``return_features`` also the backbone's (KoLeo needs them)."""
         crops = x if isinstance(x, (list, tuple)) else [x]
         features = []
         for _, group in itertools.groupby(crops, key=lambda c: tuple(c.shape[-2:])):
             out = self.backbone(torch.cat(list(group)))
             features.append(out[0] if isinstance(out, tuple) else out)
-        return self.head(torch.cat(features))
+        features = torch.cat(features)
+        output = self.head(features)
+        return (output, features) if return_features else output

@@ -18,19 +18,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from functools import partial
-from typing import Any, Callable, Iterable, Optional, Protocol
+from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm.auto import tqdm
 
 from dino_ray.config import ConfigError, DINOConfig, save_config
 from dino_ray.data.datasets import build_dataset
 from dino_ray.data.views import build_augmentation, collate_views
-from dino_ray.loss import DINOLoss
+from dino_ray.loss import DINOLoss, koleo_loss
 from dino_ray.models.backbones import build_backbone
 from dino_ray.models.head import DINOHead
 from dino_ray.models.multicrop import MultiCropWrapper
@@ -84,10 +84,10 @@ def build_student_teacher(cfg: DINOConfig) -> tuple[MultiCropWrapper, MultiCropW
     """Student (drop path, configurable last layer) and teacher (no drop path, normed last layer), equal weights."""
     def make(drop_path_rate: float, norm_last_layer: bool) -> MultiCropWrapper:
         if cfg.arch.startswith("vit"):
-            backbone = build_backbone(cfg.arch, cfg.patch_size, drop_path_rate, cfg.fused_attn,
+            backbone = build_backbone(cfg.arch, cfg.patch_size, drop_path_rate, cfg.fused_attn, stem=cfg.stem,
                                       img_size=cfg.global_crops_size, **cfg.vit_kwargs())
         else:
-            backbone = build_backbone(cfg.arch)
+            backbone = build_backbone(cfg.arch, stem=cfg.stem, width=cfg.width)
         head = DINOHead(backbone.embed_dim, cfg.out_dim, use_bn=cfg.use_bn_in_head, norm_last_layer=norm_last_layer,
                         nlayers=cfg.head_nlayers, hidden_dim=cfg.head_hidden_dim,
                         bottleneck_dim=cfg.head_bottleneck_dim)
@@ -125,17 +125,45 @@ def build_schedules(cfg: DINOConfig, niter_per_ep: int, world_size: int) -> Sche
     return Schedules(
         lr=cosine_scheduler(base_lr, cfg.min_lr, cfg.epochs, niter_per_ep, warmup_epochs=cfg.warmup_epochs),
         wd=cosine_scheduler(cfg.weight_decay, cfg.weight_decay_end, cfg.epochs, niter_per_ep),
-        momentum=cosine_scheduler(cfg.momentum_teacher, 1, cfg.epochs, niter_per_ep),
+        momentum=cosine_scheduler(cfg.momentum_teacher, cfg.momentum_teacher_end, cfg.epochs, niter_per_ep),
     )
+
+
+class EpochSliceSampler(Sampler[int]):
+    """Fixed-length epochs (dinov2's ``OFFICIAL_EPOCH_LENGTH``): epoch ``e`` takes the ``e``-th run of
+    ``per_rank x world_size`` indices from a stream of seeded permutations of the dataset, split over ranks.
+    Every image is seen once per pass whatever the epoch length; short epochs give frequent checkpoints."""
+
+    def __init__(self, size: int, per_rank: int, world_size: int, rank: int, seed: int, epoch: int) -> None:
+        self.size, self.per_rank, self.world_size, self.rank = size, per_rank, world_size, rank
+        self.seed, self.epoch = seed, epoch
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+    def __iter__(self) -> Iterator[int]:
+        total = self.per_rank * self.world_size
+        data_pass, offset = divmod(self.epoch * total, self.size)
+        stream: list[int] = []
+        while len(stream) < offset + total:
+            generator = torch.Generator().manual_seed(self.seed + data_pass)
+            stream += torch.randperm(self.size, generator=generator).tolist()
+            data_pass += 1
+        return iter(stream[offset:offset + total][self.rank::self.world_size])
 
 
 def build_loader(cfg: DINOConfig, rank: int, world_size: int, epoch: int, dataset: Any,
                  collate_fn: Callable[[list], Any]) -> DataLoader:
-    """Each image once per epoch across ranks (DistributedSampler with a shared seed); the loader's
-    workers are seeded from (seed, rank, epoch), so a resumed epoch sees the same order and crops."""
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed,
-                                 drop_last=True)
-    sampler.set_epoch(epoch)
+    """Each image once per epoch across ranks (DistributedSampler with a shared seed), or with ``epoch_length``
+    the epoch's slice of an endless shuffled stream; the loader's workers are seeded from (seed, rank, epoch),
+    so a resumed epoch sees the same order and crops."""
+    if cfg.epoch_length is not None:
+        sampler: Sampler[int] = EpochSliceSampler(len(dataset), cfg.epoch_length * cfg.batch_size_per_gpu,
+                                                  world_size, rank, cfg.seed, epoch)
+    else:
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed,
+                                     drop_last=True)
+        sampler.set_epoch(epoch)
     generator = torch.Generator().manual_seed(seed_everything(cfg.seed, rank, epoch))
     loader = DataLoader(dataset, sampler=sampler, batch_size=cfg.batch_size_per_gpu, num_workers=cfg.num_workers,
                         pin_memory=torch.cuda.is_available(), drop_last=True, collate_fn=collate_fn,
@@ -186,8 +214,11 @@ def train_one_epoch(student: nn.Module, teacher: nn.Module, student_ddp: nn.Modu
 
         with autocast():
             teacher_output = teacher(images[:2])  # only the 2 global views pass through the teacher
-            student_output = student_ddp(images)
+            student_output, student_features = student_ddp(images, return_features=True)
             loss = dino_loss(student_output, teacher_output, epoch)
+            if cfg.koleo_loss_weight:  # DINOv2: summed over the global views, each a batch of its own
+                n_global = 2 * len(images[0])
+                loss = loss + cfg.koleo_loss_weight * sum(koleo_loss(f) for f in student_features[:n_global].chunk(2))
         loss_value = loss.item()
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"loss is {loss_value} at epoch {epoch}, iteration {i}: stopping; the last "
@@ -198,14 +229,14 @@ def train_one_epoch(student: nn.Module, teacher: nn.Module, student_ddp: nn.Modu
             loss.backward()
             if cfg.clip_grad:
                 clip_gradients(student, cfg.clip_grad)
-            cancel_gradients_last_layer(epoch, student, cfg.freeze_last_layer)
+            cancel_gradients_last_layer(it / len(loader), student, cfg.freeze_last_layer)
             optimizer.step()
         else:
             fp16_scaler.scale(loss).backward()
             if cfg.clip_grad:
                 fp16_scaler.unscale_(optimizer)  # clip the true gradients
                 clip_gradients(student, cfg.clip_grad)
-            cancel_gradients_last_layer(epoch, student, cfg.freeze_last_layer)
+            cancel_gradients_last_layer(it / len(loader), student, cfg.freeze_last_layer)
             fp16_scaler.step(optimizer)
             fp16_scaler.update()
 
@@ -243,6 +274,7 @@ def train_one_epoch(student: nn.Module, teacher: nn.Module, student_ddp: nn.Modu
         "momentum_teacher": float(schedules.momentum[last]),
         "teacher_temp": float(dino_loss.teacher_temp_schedule[epoch]),
         "images_per_s": totals["images"] / (time.perf_counter() - epoch_start),
+        "epoch_seconds": time.perf_counter() - epoch_start,
         "data_time": totals["data_time"] / steps,
         "step_time": totals["step_time"] / steps,
         "skipped_images": totals["skipped_images"],
@@ -292,7 +324,7 @@ def train_dino(cfg: DINOConfig, resume_from: Optional[str | Path] = None,
         teacher_fwd, student_fwd = torch.compile(teacher), torch.compile(student_ddp)
 
     dino_loss = DINOLoss(cfg.out_dim, cfg.local_crops_number + 2, cfg.warmup_teacher_temp, cfg.teacher_temp,
-                         cfg.warmup_teacher_temp_epochs, cfg.epochs).to(device)
+                         cfg.warmup_teacher_temp_epochs, cfg.epochs, centering=cfg.centering).to(device)
     optimizer = build_optimizer(cfg, student)
     autocast, fp16_scaler = precision_context(cfg, device)
     schedules = build_schedules(cfg, niter_per_ep, world_size)

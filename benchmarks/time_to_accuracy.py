@@ -1,0 +1,218 @@
+"""k-NN top-1 on held-out CIFAR-10 images against training minutes on this machine's CPU cores.
+
+Curves, each trained for ``--minutes`` on the CIFAR-10 training shards 0-3 (40,000 images) and evaluated at a
+checkpoint every ``--minutes / --points`` minutes by the weighted k-NN (k=20, T=0.07, the first 10,000 training
+images as the memory bank, held-out shard 4 as the test set, backbone features):
+- ``shipped``: ``experiments/cifar10_cpu.yaml`` as shipped, through ``dino-ray pretrain``;
+- ``vit``: ``experiments/cifar10_cpu_vit.yaml`` (the ViT CPU recipe, for attention maps), the same way;
+- ``reference``: the reference's defaults (ViT-S/16, out_dim 65536, 8 local crops, batch 64, AdamW lr 5e-4)
+  with only the crop sizes scaled to 32/16 px, its schedule shapes compressed into the budget (warmup 10 % and
+  last layer frozen 1 % of the run, as 10 and 1 of its 100 epochs);
+- ``lightly``: lightly's DINO with its CIFAR-10 benchmark settings (benchmarks/lightly_dino.py, run in the
+  benchmark's own environment: ``pip install lightly``), same data, same k-NN.
+Random init (of the shipped recipe's network) and raw pixels are horizontal lines.
+
+Each DINO recipe first runs 2 short epochs to measure its step time, then is given ``--points`` epochs of
+``epoch_length`` iterations that fill the budget, with a checkpoint after each; the minutes on the x axis are
+the measured training time up to that checkpoint (start-up and evaluation excluded).
+
+Usage: ``python benchmarks/time_to_accuracy.py [--minutes 20] [--points 10] [--recipes shipped,reference,lightly]``
+Writes ``benchmarks/results/time_to_accuracy.json`` and ``.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from dino_ray.data.datasets import decode_rgb
+from dino_ray.eval.features import backbone_from_weights
+from dino_ray.eval.knn import knn_classifier
+from dino_ray.models.hub import safe_load
+from dino_ray.train.loop import build_student_teacher
+from dino_ray.config import build_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "datasets" / "cifar10" / "train"
+MEAN, STD = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+RECIPES = {
+    "shipped": (ROOT / "experiments" / "cifar10_cpu.yaml", []),
+    "vit": (ROOT / "experiments" / "cifar10_cpu_vit.yaml", []),
+    "reference": (None, ["use_fp16=false", "global_crops_size=32", "local_crops_size=16", "num_workers=1"]),
+}
+
+
+def load_images(path: Path, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``count`` rows of a CIFAR-10 Parquet shard as normalised [N, 3, 32, 32] floats and labels."""
+    table = pq.read_table(path, columns=["image", "label"]).slice(0, count)
+    images = [np.asarray(decode_rgb(b, f"row {i} of {path}")) for i, b in enumerate(table.column("image").to_pylist())]
+    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
+    return (pixels - MEAN) / STD, torch.tensor(table.column("label").to_pylist())
+
+
+@torch.no_grad()
+def features(model: torch.nn.Module, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(images[i:i + batch]).float() for i in range(0, len(images), batch)])
+
+
+def knn_top1(bank: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
+             model: Optional[torch.nn.Module]) -> float:
+    """Weighted k-NN (k=20, T=0.07) top-1 of ``model``'s features (raw pixels when ``model`` is None)."""
+    f_bank = bank[0].flatten(1) if model is None else features(model, bank[0])
+    f_test = test[0].flatten(1) if model is None else features(model, test[0])
+    return knn_classifier(f_bank, bank[1], f_test, test[1], k=20, T=0.07)[0]
+
+
+def pretrain(config: Optional[Path], overrides: list[str], out: Path) -> list[dict[str, Any]]:
+    """``dino-ray pretrain --no-ray`` in a subprocess; returns its log.txt lines."""
+    cmd = [sys.executable, "-m", "dino_ray.cli", "pretrain", "--no-ray"] + \
+        (["--config", str(config)] if config else []) + [*overrides, f"output_dir={out}"]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "TQDM_DISABLE": "1"})
+    return [json.loads(line) for line in open(out / "log.txt")]
+
+
+def finished_log(folder: Path, points: int, checkpoints: bool = True) -> Optional[list[dict[str, Any]]]:
+    """The log of a run of ``points`` epochs that completed in ``folder`` (a reused work folder), else None."""
+    log = folder / "log.txt"
+    lines = [json.loads(line) for line in open(log)] if log.exists() else []
+    done = len(lines) == points and (not checkpoints or all((folder / f"checkpoint{i:04}.pth").exists()
+                                                            for i in range(points)))
+    return lines if done else None
+
+
+def dino_curve(name: str, train_data: Path, minutes: float, points: int, work: Path,
+               bank: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
+               extra: list[str]) -> dict[str, Any]:
+    """Calibrate, train through ``dino-ray pretrain`` and evaluate every checkpoint; a run that already finished
+    in ``work`` (``--reuse``) is evaluated again without retraining."""
+    config, overrides = RECIPES[name]
+    base = [*overrides, f"data_path={train_data}", "max_images=null", *extra]
+    calibration = finished_log(work / f"{name}-calibrate", 2, checkpoints=False) or pretrain(
+        config, [*base, "epochs=2", "epoch_length=8", "saveckp_freq=0", "warmup_epochs=0", "freeze_last_layer=0"],
+        work / f"{name}-calibrate")
+    step_seconds = calibration[-1]["train_epoch_seconds"] / 8
+    epoch_length = max(1, int(minutes * 60 / points / step_seconds))
+    schedule = ["warmup_epochs=1", "freeze_last_layer=0.1"] if name == "reference" else []
+    print(f"{name}: {step_seconds:.3f} s/step -> {points} epochs of {epoch_length} iterations", flush=True)
+    log = finished_log(work / name, points) or pretrain(
+        config, [*base, *schedule, f"epochs={points}", f"epoch_length={epoch_length}", "saveckp_freq=1"], work / name)
+    elapsed, curve = 0.0, []
+    for line in log:
+        elapsed += line["train_epoch_seconds"]
+        checkpoint = work / name / f"checkpoint{line['epoch']:04}.pth"
+        backbone, _ = backbone_from_weights(str(checkpoint), checkpoint_key="teacher")
+        curve.append({"minutes": round(elapsed / 60, 2), "knn_top1": knn_top1(bank, test, backbone),
+                      "images": (line["epoch"] + 1) * epoch_length * int(safe_load(checkpoint)["args"]
+                                                                          ["batch_size_per_gpu"]),
+                      "loss": line["train_loss"]})
+        print(f"  {name} {curve[-1]}", flush=True)
+    return {"step_seconds": step_seconds, "epoch_length": epoch_length, "curve": curve}
+
+
+def random_init_top1(config: Path, bank: tuple[torch.Tensor, torch.Tensor],
+                     test: tuple[torch.Tensor, torch.Tensor]) -> float:
+    import yaml
+
+    cfg = build_config(yaml.safe_load(config.read_text()))
+    torch.manual_seed(cfg.seed)
+    _, teacher = build_student_teacher(cfg)
+    return knn_top1(bank, test, teacher.backbone)
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, run in results["curves"].items():
+        ax.plot([0] + [p["minutes"] for p in run["curve"]], [run.get("random_init", np.nan)] +
+                [p["knn_top1"] for p in run["curve"]], marker="o", label=name)
+    ax.axhline(results["raw_pixels"], color="gray", ls="--", label="raw pixels")
+    ax.axhline(results["raw_pixels"] + 10, color="gray", ls=":", label="raw pixels + 10")
+    ax.axhline(results["random_init"], color="black", ls="-.", label="random init (shipped network)")
+    ax.set_xlabel(f"training minutes on {results['cores']} CPU cores")
+    ax.set_ylabel("k-NN top-1 on held-out CIFAR-10 (%)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """The curves side by side, one row per point, with the baselines in the header (the README's table)."""
+    names = list(results["curves"])
+    lines = [f"raw pixels {results['raw_pixels']:.1f}, random init (shipped network) {results['random_init']:.1f}; "
+             f"k-NN top-1 on {results['test_images']} held-out images ({results['bank_images']} in the bank)", "",
+             "| point | " + " | ".join(f"{n}: minutes | {n}: k-NN" for n in names) + " |",
+             "|---|" + "---|---|" * len(names)]
+    for i in range(max(len(results["curves"][n]["curve"]) for n in names)):
+        cells = []
+        for n in names:
+            curve = results["curves"][n]["curve"]
+            cells += [f"{curve[i]['minutes']:.1f}", f"{curve[i]['knn_top1']:.1f}"] if i < len(curve) else ["", ""]
+        lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=20)
+    parser.add_argument("--points", type=int, default=10)
+    parser.add_argument("--recipes", default="shipped,vit,reference,lightly")
+    parser.add_argument("--test_images", type=int, default=10000)
+    parser.add_argument("--work_dir", default=str(ROOT / "outputs" / "time_to_accuracy"))
+    parser.add_argument("--reuse", default=None, help="an earlier run's folder: its finished curves are evaluated "
+                        "again instead of retrained")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "time_to_accuracy.json"))
+    parser.add_argument("--table", default=None, help="print the markdown table of a results JSON and stop")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides for the DINO recipes (a search)")
+    args = parser.parse_args()
+    if args.table:
+        print(markdown_table(json.loads(Path(args.table).read_text())))
+        return
+    if not SHARED.exists():
+        raise SystemExit(f"needs the CIFAR-10 shards in {SHARED}")
+    work = Path(args.reuse) if args.reuse else Path(args.work_dir) / time.strftime("%Y%m%d-%H%M%S")
+    train_data = work / "train"
+    train_data.mkdir(parents=True, exist_ok=True)
+    for i in range(4):
+        if not (train_data / f"part-{i:05d}.parquet").exists():
+            (train_data / f"part-{i:05d}.parquet").symlink_to(SHARED / f"part-{i:05d}.parquet")
+    bank, test = load_images(SHARED / "part-00000.parquet", 10000), load_images(SHARED / "part-00004.parquet",
+                                                                                 args.test_images)
+    results: dict[str, Any] = {"minutes": args.minutes, "points": args.points, "cores": os.cpu_count(),
+                               "bank_images": len(bank[1]), "test_images": len(test[1]),
+                               "raw_pixels": knn_top1(bank, test, None),
+                               "random_init": random_init_top1(RECIPES["shipped"][0], bank, test),
+                               "overrides": args.overrides, "curves": {}}
+    print(f"raw pixels {results['raw_pixels']:.2f}, random init {results['random_init']:.2f}", flush=True)
+    for name in args.recipes.split(","):
+        if name == "lightly":
+            from lightly_dino import lightly_curve  # beside this file
+
+            results["curves"][name] = lightly_curve(train_data, args.minutes, args.points, bank, test, knn_top1)
+        else:
+            results["curves"][name] = dino_curve(name, train_data, args.minutes, args.points, work, bank, test,
+                                                 args.overrides)
+            if RECIPES[name][0] is not None:
+                results["curves"][name]["random_init"] = random_init_top1(RECIPES[name][0], bank, test)
+        Path(args.out).write_text(json.dumps(results, indent=2))  # after every curve: a crash keeps the others
+    plot(results, Path(args.out).with_suffix(".png"))
+    print(json.dumps({k: v for k, v in results.items() if k != "curves"}))
+    print(markdown_table(results))
+
+
+if __name__ == "__main__":
+    main()
