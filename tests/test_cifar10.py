@@ -23,9 +23,13 @@ def test_shared_shards_then_download_then_sample(tmp_path, monkeypatch):
     assert source.startswith("shared CIFAR-10")
 
     monkeypatch.setattr(cifar10, "SHARED", tmp_path / "absent")  # a fresh clone: no ../shared
+    monkeypatch.delenv("DINO_RAY_OFFLINE", raising=False)
     monkeypatch.setattr(cifar10, "online", lambda: True)
     monkeypatch.setattr(cifar10, "cifar10_parquet", lambda: (tmp_path / "train", tmp_path / "test"))
     assert cifar10.quickstart_data()[:2] == (str(tmp_path / "train"), str(tmp_path / "test"))
+    monkeypatch.setenv("DINO_RAY_OFFLINE", "1")  # the switch that skips the download
+    assert cifar10.quickstart_data()[2].startswith("the repository's sample")
+    monkeypatch.delenv("DINO_RAY_OFFLINE")
 
     def failing_download():
         raise RuntimeError("checksum mismatch")
