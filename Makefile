@@ -9,7 +9,7 @@ VAL_DATA   ?=
 QUICK   ?= outputs/quickstart
 CONFIG  ?= experiments/cifar10_cpu.yaml
 
-.PHONY: venv quickstart test benchmark time-to-accuracy clean
+.PHONY: venv quickstart test test-fast benchmark time-to-accuracy clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -27,12 +27,17 @@ quickstart: venv
 test: venv
 	$(BIN)/python -m pytest -x -q --timeout=900 --durations=12 tests
 
+# The unit tier: no Ray cluster, no MLflow server, no minutes-long training (tests marked slow are left out).
+test-fast: venv
+	$(BIN)/python -m pytest -x -q --timeout=300 --durations=8 -m "not slow" tests
+
 benchmark: venv
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/ray_overhead.py
 	$(BIN)/python benchmarks/knn.py
 	$(BIN)/python benchmarks/augment.py
 	$(BIN)/python benchmarks/input_pipeline.py
+	$(BIN)/python benchmarks/dataset_memory.py
 
 # k-NN against training minutes: the shipped recipes, the reference's, and lightly's DINO (the `bench` extra)
 time-to-accuracy: venv

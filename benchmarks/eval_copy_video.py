@@ -17,7 +17,7 @@ from pathlib import Path
 
 from eval_cifar10 import ROOT, cifar_shard, quickstart_checkpoint, random_init_checkpoint
 
-from dino_ray.data.synthetic import write_moving_disc
+from dino_ray.eval.synthetic import write_moving_disc
 from dino_ray.eval.jobs import copy_detection_job, video_segmentation_job
 from dino_ray.eval.video_segmentation import RESOLUTION, davis_scores, davis_videos
 

@@ -22,16 +22,18 @@ import torch
 
 from dino_ray.config import DINOConfig, build_config, load_config
 from dino_ray.loss import DINOLoss
-from dino_ray.train.loop import (build_optimizer, build_schedules, build_student_teacher, precision_context,
-                                 train_one_epoch)
+from dino_ray.train.loop import (build_optimizer, build_schedules, build_student_teacher, place,
+                                 precision_context, train_one_epoch)
 
 ROOT = Path(__file__).resolve().parents[1]
 
+OFF = dict(fused_attn=False, fused_optimizer=False, torch_compile=False, channels_last=False)
 VARIANTS = {
-    "baseline": dict(fused_attn=False, fused_optimizer=False, torch_compile=False),
-    "sdpa": dict(fused_attn=True, fused_optimizer=False, torch_compile=False),
-    "sdpa+fused_adamw": dict(fused_attn=True, fused_optimizer=True, torch_compile=False),
-    "sdpa+fused_adamw+compile": dict(fused_attn=True, fused_optimizer=True, torch_compile=True),
+    "baseline": OFF,
+    "channels_last": {**OFF, "channels_last": True},  # convolutional backbones only (on by default)
+    "sdpa": {**OFF, "fused_attn": True},
+    "sdpa+fused_adamw": {**OFF, "fused_attn": True, "fused_optimizer": True},
+    "sdpa+fused_adamw+compile": {**OFF, "fused_attn": True, "fused_optimizer": True, "torch_compile": True},
 }
 
 
@@ -47,8 +49,8 @@ def measure(cfg: DINOConfig, steps: int, warmup: int) -> dict[str, float]:
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     torch.manual_seed(0)
     student, teacher = build_student_teacher(cfg)
-    student.to(device)
-    teacher.to(device)
+    place(cfg, student, device)
+    place(cfg, teacher, device)
     teacher_fwd, student_fwd = (torch.compile(teacher), torch.compile(student)) if cfg.torch_compile else (teacher,
                                                                                                           student)
     loss = DINOLoss(cfg.out_dim, cfg.local_crops_number + 2, cfg.warmup_teacher_temp, cfg.teacher_temp,
@@ -79,6 +81,8 @@ def main() -> None:
     parser.add_argument("--vits-batch", type=int, default=4)
     parser.add_argument("--skip-compile", action="store_true")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_step.json"))
+    parser.add_argument("--setups", default="cifar10_cpu,vit_small16_2x224_8x96",
+                        help="which to measure; the others keep their figures in --out")
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
 
@@ -92,7 +96,11 @@ def main() -> None:
                                  "device": torch.cuda.get_device_name() if torch.cuda.is_available()
                                  else platform.processor() or platform.machine(), "torch": torch.__version__},
                      "steps": args.steps, "warmup_steps": args.warmup, "setups": {}}
+    if Path(args.out).exists():
+        results["setups"] = json.loads(Path(args.out).read_text())["setups"]
     for name, base in setups.items():
+        if name not in args.setups.split(","):
+            continue
         rows = {}
         for variant, options in VARIANTS.items():
             if options["torch_compile"] and args.skip_compile:

@@ -53,6 +53,12 @@ def _sweep(args: argparse.Namespace) -> None:
     print(f"best: {best['trial']} ({spec.metric} {best[spec.metric]:.2f}); checkpoint: {best['checkpoint']}")
 
 
+def _sync_tracking(args: argparse.Namespace) -> None:
+    from dino_ray.tracking import sync_tracking
+
+    print(json.dumps(sync_tracking(args.folder, args.tracking_uri, args.wait_s)))
+
+
 def _convert_data(args: argparse.Namespace) -> None:
     from dino_ray.data.convert import convert_images
 
@@ -209,6 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage_path", default=None, help="where sweeps live (default: the file's, else outputs/sweeps)")
     p.set_defaults(func=_sweep)
 
+    p = sub.add_parser("sync-tracking", help="replay the MLflow calls a run left on disk while its server was away")
+    p.add_argument("folder", help="the folder holding mlflow_queue.json (a run's output_dir/mlflow_queue, or a "
+                   "checkpoint folder)")
+    p.add_argument("--tracking_uri", default=None, help="default: the server the run was using")
+    p.add_argument("--wait_s", type=float, default=60.0, help="how long to wait for an unreachable server")
+    p.set_defaults(func=_sync_tracking)
+
     p = sub.add_parser("convert-data", help="an ImageFolder tree or a list of image files into Parquet shards")
     p.add_argument("source", help="ImageFolder root (<root>/<class>/<files>) or a text file of image paths")
     p.add_argument("target", help="folder for part-NNNNN.parquet, _plan.json and _skipped.csv (resumable)")
@@ -331,7 +344,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as exc:
+    except (ValueError, OSError, FloatingPointError) as exc:  # OSError: missing files, full disks, no server
         log.error("%s", exc)
         return 2
     return 0

@@ -9,6 +9,7 @@ sit after the reference's own and say so in their comment.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, get_args, get_origin, get_type_hints
@@ -58,6 +59,8 @@ class TrackingSection:
     # where a new experiment keeps its artifacts (s3://bucket/mlflow); default: the embedded store's
     # output_dir/mlartifacts, or the tracking server's own setting
     artifact_location: Optional[str] = None
+    # how long the end of a run waits for an unreachable server before leaving its unsent calls on disk
+    retry_timeout_s: float = 120.0
 
 
 @dataclass
@@ -143,6 +146,7 @@ class DINOConfig:
     use_bf16: bool = False  # bf16 autocast instead of fp16 + GradScaler (CUDA only)
     fused_attn: bool = True  # timm's SDPA attention; False uses the explicit softmax(QK^T)V
     fused_optimizer: bool = False  # torch's fused AdamW/SGD kernels
+    channels_last: bool = True  # convolutional backbones in channels-last memory: same math, ~1.3x faster on CPU
     torch_compile: bool = False  # torch.compile the student and teacher
     max_images: Optional[int] = None  # use only the first N images of data_path
     data_loader: str = "torch"  # torch: DataLoader + DistributedSampler (the reference); ray_data: Ray Data tasks
@@ -284,6 +288,8 @@ def _validate(cfg: DINOConfig) -> None:
         problems.append(f"scaling.num_workers must be >= 1, got {cfg.scaling.num_workers}")
     if cfg.failure.max_failures < -1:
         problems.append(f"failure.max_failures must be >= -1 (-1: retry forever), got {cfg.failure.max_failures}")
+    if cfg.tracking.retry_timeout_s < 0:
+        problems.append(f"tracking.retry_timeout_s must be >= 0 seconds, got {cfg.tracking.retry_timeout_s}")
     if cfg.max_images is not None and cfg.max_images < 1:
         problems.append(f"max_images must be >= 1 or null, got {cfg.max_images}")
     if cfg.eval.knn_every < 0:
@@ -321,7 +327,9 @@ def build_config(values: dict[str, Any], source: str = "config") -> DINOConfig:
     flat = flatten(values)
     unknown = sorted(set(flat) - set(_HINTS))
     if unknown:
-        raise ConfigError(f"{source}: unknown config key(s) {unknown}")
+        hints = [f"'{key}' (did you mean '{close[0]}'?)" if (close := difflib.get_close_matches(key, _HINTS, n=1))
+                 else f"'{key}'" for key in unknown]
+        raise ConfigError(f"{source}: unknown config key(s) {', '.join(hints)}")
     coerced = {k: _coerce(k, v) for k, v in flat.items()}
     sections = {name: cls(**{k.split(".", 1)[1]: v for k, v in coerced.items() if k.startswith(name + ".")})
                 for name, cls in SECTIONS.items()}

@@ -96,7 +96,8 @@ def run_quickstart(train_data: Optional[str], val_data: Optional[str], output_di
     knn_run.finish()
 
     attention_dir = out / "attention"
-    if cfg.arch.startswith("vit") and attention_images:  # a convolutional backbone has no attention to show
+    drawn = cfg.arch.startswith("vit") and attention_images > 0
+    if drawn:  # a convolutional backbone has no attention to show
         attention_run = eval_tracker(uri, run_id, "attention", {"images": attention_images, "threshold": 0.6,
                                                                 "image_size": 4 * cfg.global_crops_size},
                                      epoch=trained_epochs)
@@ -112,7 +113,7 @@ def run_quickstart(train_data: Optional[str], val_data: Optional[str], output_di
                "loss_last_epoch": losses[-1], "images_per_s": result.metrics.get("images_per_s"),
                "knn_train_images": len(knn_train), "knn_val_images": len(knn_val), "knn_k20": results,
                "mlflow_run_id": run_id, "tracking_uri": uri, "checkpoint": str(final / "checkpoint.pth"),
-               "attention": str(attention_dir) if attention_dir.exists() else None}
+               "attention": str(attention_dir) if drawn else None}  # not stale maps of an earlier ViT run
     (out / "quickstart.json").write_text(json.dumps(summary, indent=2))
     return summary
 

@@ -240,8 +240,7 @@ def record_sweep(spec: SweepSpec, rows: list[dict[str, Any]], sweep_dir: Path, u
         tracker = RunTracker(uri, "", "", run_id=parent)
         if not math.isnan(best[spec.metric]):
             tracker.log_metrics({f"best_{spec.metric}": best[spec.metric]}, step=0)
-        tracker.client.set_tag(parent, "best_trial", best["trial"])
-        tracker.client.set_tag(parent, "best_checkpoint", best["checkpoint"])
+        tracker.set_tags({"best_trial": best["trial"], "best_checkpoint": best["checkpoint"]})
         tracker.log_artifact(table)
         tracker.log_artifact(plot)
         tracker.finish()

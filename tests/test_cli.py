@@ -12,10 +12,10 @@ from dino_ray.train.loop import train_dino
 
 def test_unknown_key_fails_before_any_work(tmp_path):
     out = tmp_path / "never"
-    proc = subprocess.run([sys.executable, "-m", "dino_ray.cli", "pretrain", "learning_rate=1", f"output_dir={out}"],
+    proc = subprocess.run([sys.executable, "-m", "dino_ray.cli", "pretrain", "teacher_tmp=0.05", f"output_dir={out}"],
                           capture_output=True, text=True)
     assert proc.returncode == 2
-    assert "unknown config key(s) ['learning_rate']" in proc.stderr
+    assert "unknown config key(s) 'teacher_tmp' (did you mean 'teacher_temp'?)" in proc.stderr
     assert not out.exists()
 
 
@@ -70,7 +70,7 @@ def test_video_and_copy_commands_on_a_backbone_only_file(cifar_rows, tmp_path, c
     import torch
 
     from dino_ray import build_backbone
-    from dino_ray.data.synthetic import write_moving_disc
+    from dino_ray.eval.synthetic import write_moving_disc
     from dino_ray.eval.video import video_info
 
     torch.manual_seed(0)

@@ -35,7 +35,8 @@ def test_yaml_then_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["learning_rate=0.1"], r"unknown config key\(s\) \['learning_rate'\]"),
+    (["learning_rate=0.1"], r"unknown config key\(s\) 'learning_rate'$"),
+    (["scaling.num_worker=2"], r"'scaling.num_worker' \(did you mean 'scaling.num_workers'\?\)"),
     (["lr=-0.1"], "lr must be >= 0, got -0.1"),
     (["arch=vit_huge"], "arch 'vit_huge' is unknown"),
     (["local_crops_scale=[0.05, 0.9]"], r"local_crops_scale \[0.05, 0.9\] is above global_crops_scale"),

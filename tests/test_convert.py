@@ -76,6 +76,7 @@ def test_image_folder_round_trips_labels_and_pixels_and_resumes(tmp_path, monkey
         convert_images(tmp_path / "src", tmp_path / "out", rows_per_shard=4, use_ray=False)
 
 
+@pytest.mark.slow
 def test_ray_tasks_write_the_same_shards_and_a_file_list_works(tmp_path, tiny_cfg):
     """The conversion in Ray tasks; then Ray Data (``data_loader: ray_data``) reads the folder and the shards as
     the same 12 images, each multi-cropped in a Ray Data task, the broken file dropped there."""

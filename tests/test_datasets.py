@@ -1,6 +1,8 @@
 """Parquet and ImageFolder datasets on real CIFAR-10 images, with bad files skipped and named."""
+import io
 import logging
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -71,3 +73,41 @@ def test_second_global_crop_alone_is_solarized():
     blur_probs = [t.prob for tr in (aug.global_transfo1, aug.global_transfo2, aug.local_transfo)
                   for t in tr.transforms if type(t).__name__ == "GaussianBlur"]
     assert blur_probs == [1.0, 0.1, 0.5]
+
+
+def test_parquet_is_read_lazily_a_row_group_at_a_time_within_its_cache(tmp_path, cifar_rows):
+    table = pq.read_table(cifar_rows)
+    pq.write_table(table, tmp_path / "groups.parquet", row_group_size=16)  # 16 row groups
+    group = pq.ParquetFile(tmp_path / "groups.parquet").read_row_group(0, columns=["image", "path"]).nbytes
+    ds = ParquetImageDataset(tmp_path / "groups.parquet", cache_mb=3.5 * group / 2**20)  # about 3 groups
+    assert not ds._cache  # only labels and the layout at start
+    assert list(ds.targets) == table.column("label").to_pylist()
+    pixels = [np.asarray(ds[i][0]).tolist() for i in range(len(ds))]
+    assert 1 <= len(ds._cache) <= 3  # older row groups left the cache
+    eager = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")).tolist() for b in table.column("image").to_pylist()]
+    assert pixels == eager and ds.paths == table.column("path").to_pylist()
+    assert len(ParquetImageDataset(tmp_path / "groups.parquet", max_images=20)) == 20
+
+
+def test_truncated_shard_is_named_before_training(tmp_path, cifar_rows):
+    data = cifar_rows.read_bytes()
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "part-00000.parquet").write_bytes(data)
+    (tmp_path / "shards" / "part-00001.parquet").write_bytes(data[:len(data) // 2])  # a copy cut short
+    with pytest.raises(ValueError, match="part-00001.parquet' is unreadable"):
+        build_dataset(tmp_path / "shards")
+
+
+def test_an_unreadable_row_group_is_skipped_counted_and_named(tmp_path, cifar_rows, caplog):
+    pq.write_table(pq.read_table(cifar_rows).slice(0, 64), tmp_path / "hurt.parquet", row_group_size=32,
+                   compression="zstd")
+    footer = pq.ParquetFile(tmp_path / "hurt.parquet").metadata.row_group(1).column(0)
+    data = bytearray((tmp_path / "hurt.parquet").read_bytes())
+    start = footer.dictionary_page_offset or footer.data_page_offset  # the second group's first page header
+    data[start:start + 32] = bytes(range(200, 232))
+    (tmp_path / "hurt.parquet").write_bytes(bytes(data))
+    ds = build_dataset(tmp_path / "hurt.parquet", eval_transform(32, 32))
+    with caplog.at_level(logging.WARNING):
+        _, labels, skipped = collate_skipping_bad([ds[i] for i in range(64)])
+    assert (len(labels), skipped) == (32, 32)
+    assert "row group 1 of" in caplog.text and "hurt.parquet" in caplog.text

@@ -11,13 +11,14 @@ import torch
 from PIL import Image
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow  # real Ray processes: make test, not make test-fast
 
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from dino_ray.config import build_config  # noqa: E402
 from dino_ray.data.augment import eval_transform  # noqa: E402
 from dino_ray.data.datasets import build_dataset  # noqa: E402
-from dino_ray.data.synthetic import write_moving_disc  # noqa: E402
+from dino_ray.eval.synthetic import write_moving_disc  # noqa: E402
 from dino_ray.eval.features import backbone_from_weights, extract_features  # noqa: E402
 from dino_ray.eval.copy_detection import copy_scores  # noqa: E402
 from dino_ray.eval.jobs import (attention_job, attention_video_job, copy_detection_job, knn_job,  # noqa: E402

@@ -6,6 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow  # real Ray processes: make test, not make test-fast
 
 from dino_ray.config import ConfigError  # noqa: E402
 from dino_ray.data import ray_data  # noqa: E402

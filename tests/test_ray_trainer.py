@@ -1,4 +1,6 @@
 """Pretraining on real Ray Train workers (gloo on CPU), tracked in the embedded MLflow store."""
+import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -16,6 +18,7 @@ import pytest
 import torch
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow  # real Ray processes: make test, not make test-fast
 
 import mlflow.pytorch  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
@@ -27,6 +30,8 @@ from dino_ray.eval.weights import resolve_weights  # noqa: E402
 
 from dino_ray.tracking import tracking_uri  # noqa: E402
 from dino_ray.train.loop import train_dino  # noqa: E402
+from dino_ray.storage import fetch  # noqa: E402
+from dino_ray.train import ray_trainer  # noqa: E402
 from dino_ray.train.ray_trainer import pretrain_on_ray  # noqa: E402
 
 
@@ -103,11 +108,11 @@ def test_two_workers_train_and_resume_from_an_mlflow_run(local_ray, tiny_cfg, ci
         assert [json.loads(line)["epoch"] for line in open(f"{folder}/log.txt")] == [2]  # 0 and 1 came from MLflow
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [0, 1, 2]
     with pytest.raises(FileNotFoundError, match="neither a checkpoint file nor an MLflow run"):
-        pretrain_on_ray(more, resume_from="0123456789abcdef")
+        pretrain_on_ray(more, resume_from="0123456789abcdef" * 2)  # an MLflow run id this store lacks
 
 
 def test_checkpoints_and_artifacts_on_s3_and_a_resume_from_there_alone(local_ray, s3_server, tiny_cfg, cifar_rows,
-                                                                       tmp_path):
+                                                                       tmp_path, monkeypatch):
     """Everything on the (local) S3 server: Ray's checkpoints and MLflow's artifacts. A new driver with no
     local file of the run (the first one's machine is gone) resumes from the bucket and continues the MLflow
     run. A worker or node lost mid-run is restored the same way, from the storage (test_ray_job.py)."""
@@ -151,6 +156,26 @@ def test_checkpoints_and_artifacts_on_s3_and_a_resume_from_there_alone(local_ray
                               cache_dir=tmp_path / "weights")
     assert weights.epoch == 3 and weights.run_id == run.info.run_id and weights.tracking_uri == mlflow_db
 
+    # --resume-from a file of this machine into a new run: the workers read the copy staged in the run's storage
+    local = fetch(f"{s3_server}/ray_results/s3run/checkpoint_epoch0002/checkpoint.pth", tmp_path / "here")
+    stage = ray_trainer.staged_resume
+
+    def stage_then_delete(*args, **kwargs):
+        staged = stage(*args, **kwargs)
+        local.unlink()  # from now on only the storage has it, as for a worker on another node
+        return staged
+
+    monkeypatch.setattr(ray_trainer, "staged_resume", stage_then_delete)
+    moved = dataclasses.replace(on_s3(4), run=dataclasses.replace(on_s3(4).run, name="s3moved"))
+    result = pretrain_on_ray(moved, resume_from=str(local))
+    assert result.error is None and not local.exists()
+    with result.checkpoint.as_directory() as folder:  # epochs 0-2 came with the checkpoint, epoch 3 is new
+        assert torch.load(f"{folder}/checkpoint.pth", weights_only=False)["epoch"] == 4
+    assert "dino-ray/ray_results/s3moved/resume_from/checkpoint.pth" in {
+        info.path for info in s3.get_file_info(pafs.FileSelector("dino-ray/ray_results/s3moved", recursive=True))}
+    with pytest.raises(FileNotFoundError, match="'checkpints/last.pth' is neither an existing checkpoint file"):
+        pretrain_on_ray(moved, resume_from="checkpints/last.pth")  # a typo is named, not sent to MLflow
+
 
 def free_port() -> int:
 
@@ -177,30 +202,44 @@ def start_mlflow_server(tmp_path, port):
     raise RuntimeError("mlflow server did not start")
 
 
-def test_tracking_server_and_its_loss_mid_run(local_ray, tiny_cfg, tmp_path):
-
+def test_tracking_server_killed_and_restarted_mid_run_loses_nothing(local_ray, tiny_cfg, tmp_path):
+    """A real ``mlflow server`` SIGKILLed after epoch 3 and started again (same store, same port) two epochs
+    later: every epoch's metrics reach it with their own steps, and the run ends FINISHED."""
     port = free_port()
     server = start_mlflow_server(tmp_path, port)
     uri = f"http://127.0.0.1:{port}"
-    cfg = tiny_cfg(epochs=8, saveckp_freq=4, tracking={"tracking_uri": uri, "experiment_name": "served"},
+    cfg = tiny_cfg(epochs=8, saveckp_freq=4, tracking={"tracking_uri": uri, "experiment_name": "served",
+                                                         "retry_timeout_s": 120},
                    output_dir=str(tmp_path / "served"))
     run_dir = tmp_path / "served" / "ray_results" / "served"
-    logged_before_stop = []
+    logged_before_stop, servers = [], [server]
 
-    def stop_server_mid_run():
+    def kill_then_restart():
         wait_for(run_dir / "checkpoint_epoch0003")
         client = MlflowClient(uri)
         (run,) = client.search_runs([client.get_experiment_by_name("served").experiment_id])
         logged_before_stop.append(len(client.get_metric_history(run.info.run_id, "loss")))
         os.killpg(server.pid, signal.SIGKILL)  # the tracking server goes away mid-run
         server.wait()
+        wait_for(run_dir / "checkpoint_epoch0005")  # two epochs logged into the void
+        servers.append(start_mlflow_server(tmp_path, port))
 
-    stopper = threading.Thread(target=stop_server_mid_run)
-    stopper.start()
-    result = pretrain_on_ray(cfg)
-    stopper.join()
-    assert logged_before_stop[0] >= 3
-    assert result.error is None
-    with result.checkpoint.as_directory() as folder:  # nothing lost: every epoch is in log.txt
-        assert [json.loads(line)["epoch"] for line in open(f"{folder}/log.txt")] == list(range(8))
+    outage = threading.Thread(target=kill_then_restart)
+    outage.start()
+    try:
+        result = pretrain_on_ray(cfg)
+        outage.join()
+        assert result.error is None
+        assert 3 <= logged_before_stop[0] < 8
+        client = MlflowClient(uri)
+        (run,) = client.search_runs([client.get_experiment_by_name("served").experiment_id])
+        assert run.info.status == "FINISHED"
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == list(range(8))
+        logged = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+        assert {"checkpoints/checkpoint0004.pth", "checkpoints/checkpoint.pth"} <= logged
+        assert not (tmp_path / "served" / "mlflow_queue").exists()  # nothing left behind
+    finally:
+        for each in servers:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(each.pid, signal.SIGKILL)
     assert not (tmp_path / "served" / "mlflow.db").exists()  # the server was used, not the embedded store

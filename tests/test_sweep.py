@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow  # real Ray processes: make test, not make test-fast
 
 from mlflow.tracking import MlflowClient  # noqa: E402
 

@@ -189,3 +189,18 @@ def test_small_image_resnet_with_short_run_options_trains_and_resumes_its_shape(
     backbone = build_backbone("resnet18", stem="small_stride2", width=0.25)
     load_pretrained_weights(backbone, f"{cfg.output_dir}/checkpoint.pth", "teacher")
     assert backbone(torch.randn(2, 3, 16, 16)).shape == (2, 128)
+
+
+def test_channels_last_is_a_layout_not_a_different_run(tiny_cfg, tmp_path):
+    """A convolutional backbone trains channels-last by default: the same losses as contiguous memory."""
+    resnet = dict(arch="resnet18", patch_size=16, stem="small_stride2", width=0.25, epochs=2, epoch_length=2,
+                  use_bn_in_head=True, **{"embed_dim": None, "depth": None, "num_heads": None})
+    losses = {}
+    for layout in (True, False):
+        cfg = tiny_cfg(channels_last=layout, output_dir=str(tmp_path / str(layout)), **resnet)
+        train_dino(cfg, show_progress=False)
+        losses[layout] = [line["train_loss"] for line in read_log(cfg)]
+    assert losses[True] == pytest.approx(losses[False], abs=1e-4)
+    checkpoint = torch.load(tmp_path / "True" / "checkpoint.pth", weights_only=True)
+    assert not checkpoint["teacher"]["backbone.conv1.weight"].is_contiguous()  # stored as it trained
+    assert checkpoint["teacher"]["backbone.conv1.weight"].is_contiguous(memory_format=torch.channels_last)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dino_ray.data.synthetic import moving_disc
+from dino_ray.eval.synthetic import moving_disc
 from dino_ray.eval.video import read_frames, video_info, write_video
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dino_ray import build_backbone
-from dino_ray.data.synthetic import write_moving_disc
+from dino_ray.eval.synthetic import write_moving_disc
 from dino_ray.eval.video_segmentation import (boundary_f, boundary_map, davis_frames, davis_palette, davis_scores,
                                               davis_videos, neighbourhood, norm_mask, propagate, read_labels,
                                               region_j, scaled_size, segment_video, write_indexed)

@@ -34,6 +34,8 @@ SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int64()), ("class_name"
                     ("path", pa.string())])
 
 
+ROW_GROUP_ROWS = 100  # the unit a lazy reader (ParquetImageDataset) fetches for one image: keep it small
+
 def list_images(source: str | Path) -> tuple[Path, list[tuple[str, str]]]:
     """``(root, [(relative path, class name), ...])`` sorted by path; the class is the file's folder.
 
@@ -77,7 +79,7 @@ def convert_shard(root: str, files: list[tuple[str, str]], labels: dict[str, int
             rows[name].append(value)
     partial = Path(target).with_suffix(".parquet.partial")
     schema = SCHEMA.with_metadata({SKIPPED_KEY: json.dumps(skipped).encode()})
-    pq.write_table(pa.table(rows, schema=schema), partial)
+    pq.write_table(pa.table(rows, schema=schema), partial, row_group_size=ROW_GROUP_ROWS)
     partial.rename(target)  # complete shards only ever have their final name
 
 

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import io
 import logging
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
@@ -51,43 +54,111 @@ def decode_rgb(data: bytes, name: str) -> Optional[Image.Image]:
         return None
 
 
+OPEN_FILES = 16  # Parquet files a process keeps open (with their parsed footers)
+
+
 class ParquetImageDataset(Dataset):
-    """Images stored as encoded bytes in one Parquet file or a folder of ``*.parquet`` shards."""
+    """Images stored as encoded bytes in one Parquet file or a folder of ``*.parquet`` shards, read lazily.
+
+    Only the labels and the row-group layout are read at start; an image's bytes come with its row group,
+    read on first use and kept in a per-process cache of at most ``cache_mb`` (least recently used out), so
+    a process's memory does not grow with the dataset (ImageNet's 140 GB as well as CIFAR-10). A file whose
+    footer or columns are unreadable is named before any training; a row group that fails to read later
+    has its rows skipped, counted and named, like an undecodable image.
+    """
 
     def __init__(self, path: str | Path, transform: Optional[Callable] = None, max_images: Optional[int] = None,
-                 image_column: str = "image", label_column: str = "label") -> None:
+                 image_column: str = "image", label_column: str = "label", cache_mb: float = 128) -> None:
         path = Path(path)
         files = sorted(path.glob("**/*.parquet")) if path.is_dir() else [path]
         if not files:
             raise FileNotFoundError(f"no .parquet files under '{path}'")
-        self.images: list[bytes] = []
-        self.targets: list[int] = []
-        self.paths: list[str] = []
+        self.groups: list[tuple[Path, int]] = []  # (file, row group) in index order
+        starts, labels = [0], []
         for file in files:
-            schema = pq.read_schema(file)
-            missing = [c for c in (image_column, label_column) if c not in schema.names]
-            if missing:
-                raise ValueError(f"Parquet file '{file}' lacks column(s) {missing} (has {schema.names})")
-            table = pq.read_table(file, columns=[c for c in (image_column, label_column, "path") if c in schema.names])
-            self.images += table.column(image_column).to_pylist()
-            self.targets += [int(v) for v in table.column(label_column).to_pylist()]
-            self.paths += (table.column("path").to_pylist() if "path" in table.column_names
-                           else [f"{file}#row{i}" for i in range(table.num_rows)])
-            if max_images is not None and len(self.images) >= max_images:
-                del self.images[max_images:], self.targets[max_images:], self.paths[max_images:]
+            try:
+                parquet = pq.ParquetFile(file)
+                names = parquet.schema_arrow.names
+                missing = [c for c in (image_column, label_column) if c not in names]
+                if missing:
+                    raise ValueError(f"Parquet file '{file}' lacks column(s) {missing} (has {names})")
+                labels.append(parquet.read(columns=[label_column]).column(0).to_numpy().astype(np.int64))
+            except (OSError, pa.ArrowException) as exc:
+                raise ValueError(f"Parquet file '{file}' is unreadable ({type(exc).__name__}: {exc}): truncated or "
+                                 f"not Parquet; convert it again or move it out of '{path}'") from exc
+            for group in range(parquet.metadata.num_row_groups):
+                self.groups.append((file, group))
+                starts.append(starts[-1] + parquet.metadata.row_group(group).num_rows)
+            if max_images is not None and starts[-1] >= max_images:
                 break
+        self.length = starts[-1] if max_images is None else min(max_images, starts[-1])
+        self.starts = np.array(starts)
+        self.targets = np.concatenate(labels)[:self.length]
         self.files = files
+        self.columns = (image_column, label_column)
         self.transform = transform
         self.source = str(path)
+        self.cache_bytes = int(cache_mb * 2**20)
+        self._cache: OrderedDict[int, Optional[pa.Table]] = OrderedDict()
+        self._open: OrderedDict[Path, pq.ParquetFile] = OrderedDict()  # footers parsed once (large for big files)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_cache": OrderedDict(), "_open": OrderedDict()}  # each DataLoader worker its own
+
+    def _parquet(self, file: Path) -> pq.ParquetFile:
+        if file not in self._open:
+            self._open[file] = pq.ParquetFile(file)
+            if len(self._open) > OPEN_FILES:
+                self._open.popitem(last=False)
+        self._open.move_to_end(file)
+        return self._open[file]
 
     def __len__(self) -> int:
-        return len(self.images)
+        return self.length
+
+    @property
+    def paths(self) -> list[str]:
+        """Every image's name (its ``path`` column, else ``file#row``); read on demand, not kept."""
+        names: list[str] = []
+        for file in self.files:
+            parquet = pq.ParquetFile(file)
+            names += (parquet.read(columns=["path"]).column(0).to_pylist() if "path" in parquet.schema_arrow.names
+                      else [f"{file}#row{i}" for i in range(parquet.metadata.num_rows)])
+        return names[:self.length]
+
+    def _row_group(self, group: int) -> Optional[pa.Table]:
+        if group in self._cache:
+            self._cache.move_to_end(group)
+            return self._cache[group]
+        file, index = self.groups[group]
+        try:
+            parquet = self._parquet(file)
+            wanted = [c for c in (self.columns[0], "path") if c in parquet.schema_arrow.names]
+            table: Optional[pa.Table] = parquet.read_row_group(index, columns=wanted)
+        except (OSError, pa.ArrowException) as exc:
+            log.warning("skipping row group %d of %s (rows %d-%d): %s", index, file, self.starts[group],
+                        self.starts[group + 1] - 1, exc)
+            table = None
+        self._cache[group] = table
+        while len(self._cache) > 1 and sum(t.nbytes for t in self._cache.values() if t is not None) > self.cache_bytes:
+            self._cache.popitem(last=False)
+        return table
 
     def __getitem__(self, index: int) -> Optional[tuple[Any, int]]:
-        image = decode_rgb(self.images[index], f"row {index} ({self.paths[index]}) of {self.source}")
+        if not 0 <= index < self.length:
+            raise IndexError(f"index {index} out of range for {self.length} images of {self.source}")
+        group = int(np.searchsorted(self.starts, index, side="right")) - 1
+        table = self._row_group(group)
+        if table is None:  # already named in the log when the row group failed
+            return None
+        row = index - int(self.starts[group])
+        file, in_file = self.groups[group]
+        name = table.column("path")[row].as_py() if "path" in table.column_names else \
+            f"{file} row group {in_file} row {row}"
+        image = decode_rgb(table.column(self.columns[0])[row].as_py(), f"row {index} ({name}) of {self.source}")
         if image is None:
             return None
-        return (self.transform(image) if self.transform else image), self.targets[index]
+        return (self.transform(image) if self.transform else image), int(self.targets[index])
 
 
 class SafeImageFolder(ImageFolder):

@@ -9,6 +9,7 @@ RNG state needs no key: the loop re-seeds from (seed, rank, epoch) at each epoch
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
@@ -18,11 +19,15 @@ import torch
 from dino_ray.models.hub import safe_load
 
 RUN_ID_FILE = "mlflow_run_id.txt"  # beside checkpoint.pth in a Ray-reported checkpoint: the MLflow run it belongs to
+QUEUE_FILE = "mlflow_queue.json"  # tracking calls an unreachable MLflow server has not taken yet (dino_ray.tracking)
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
-    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file, and a
+    failed write (a full disk, a quota) is an error naming the file while the previous checkpoint stays."""
     path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a process killed while writing
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -30,6 +35,11 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch's writer reports a failed write as a RuntimeError
+        Path(tmp).unlink(missing_ok=True)
+        free = shutil.disk_usage(path.parent).free / 2**20
+        raise OSError(f"could not write checkpoint '{path}' ({type(exc).__name__}: {exc}); {free:.0f} MiB free in "
+                      f"{path.parent}; the previous checkpoint, if any, is intact") from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

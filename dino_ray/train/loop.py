@@ -101,6 +101,14 @@ def build_student_teacher(cfg: DINOConfig) -> tuple[MultiCropWrapper, MultiCropW
     return student, teacher
 
 
+def place(cfg: DINOConfig, model: nn.Module, device: torch.device) -> nn.Module:
+    """Move a model to ``device``; a convolutional one channels-last when ``cfg.channels_last`` (oneDNN on CPU and
+    cuDNN run convolutions about 1.3x faster so; same math, same state dict keys)."""
+    convolutional = not cfg.arch.startswith("vit")
+    return model.to(device, memory_format=torch.channels_last if cfg.channels_last and convolutional
+                    else torch.preserve_format)
+
+
 def build_optimizer(cfg: DINOConfig, student: nn.Module) -> torch.optim.Optimizer:
     """lr and weight decay are set every iteration from the schedules; these are placeholders."""
     groups = get_params_groups(student)
@@ -195,8 +203,8 @@ def train_one_epoch(student: nn.Module, teacher: nn.Module, student_ddp: nn.Modu
     ``on_step(global_iteration, metrics)`` is called every ``log_freq`` iterations (the reference's
     MetricLogger cadence) with that iteration's loss, schedules, timings and memory.
     """
-    totals = {"loss": 0.0, "images": 0, "skipped_images": 0, "data_time": 0.0, "step_time": 0.0,
-              "teacher_entropy": 0.0, "kl_teacher_student": 0.0}
+    totals = {"loss": 0.0, "images": 0, "skipped_images": 0, "data_time": 0.0, "step_time": 0.0}
+    monitors = torch.zeros(2, device=device)  # teacher entropy, KL: summed on the device, read at log steps only
     steps = 0
     bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", disable=not show_progress, leave=False)
     epoch_start = tick = time.perf_counter()
@@ -244,9 +252,8 @@ def train_one_epoch(student: nn.Module, teacher: nn.Module, student_ddp: nn.Modu
 
         step_time = time.perf_counter() - tick - data_time
         steps += 1
-        entropy, kl = dino_loss.last_teacher_entropy.item(), dino_loss.last_kl.item()
-        totals["teacher_entropy"] += entropy
-        totals["kl_teacher_student"] += kl
+        step_monitors = torch.stack([dino_loss.last_teacher_entropy, dino_loss.last_kl])
+        monitors += step_monitors
         totals["loss"] += loss_value
         totals["images"] += len(images[0])
         totals["data_time"] += data_time
@@ -255,6 +262,7 @@ def train_one_epoch(student: nn.Module, teacher: nn.Module, student_ddp: nn.Modu
             if show_progress:
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{schedules.lr[it]:.2e}")
             if on_step is not None:
+                entropy, kl = step_monitors.tolist()
                 on_step(it, {"epoch": epoch + (i + 1) / len(loader), "loss": loss_value,
                              "teacher_entropy": entropy, "kl_teacher_student": kl, "lr": float(schedules.lr[it]), "wd": float(schedules.wd[it]),
                              "momentum_teacher": float(schedules.momentum[it]),
@@ -267,8 +275,8 @@ def train_one_epoch(student: nn.Module, teacher: nn.Module, student_ddp: nn.Modu
     last = len(loader) * (epoch + 1) - 1
     return {
         "loss": totals["loss"] / steps,
-        "teacher_entropy": totals["teacher_entropy"] / steps,  # collapse monitors (DINOLoss)
-        "kl_teacher_student": totals["kl_teacher_student"] / steps,
+        "teacher_entropy": monitors[0].item() / steps,  # collapse monitors (DINOLoss)
+        "kl_teacher_student": monitors[1].item() / steps,
         "lr": float(schedules.lr[last]),
         "wd": float(schedules.wd[last]),
         "momentum_teacher": float(schedules.momentum[last]),
@@ -313,8 +321,8 @@ def train_dino(cfg: DINOConfig, resume_from: Optional[str | Path] = None,
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank; epochs re-seed per rank in build_loader
     student, teacher = build_student_teacher(cfg)
-    student.to(device)
-    teacher.to(device)
+    place(cfg, student, device)
+    place(cfg, teacher, device)
     student_ddp: nn.Module = student
     if world_size > 1:
         student_ddp = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.index is not None

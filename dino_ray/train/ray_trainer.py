@@ -6,7 +6,9 @@ latest one (the reference's ``checkpoint.pth``) plus every ``saveckp_freq``-th, 
 ``run.storage_path/run.name`` (a local folder or a cloud URI). A worker that fails, or a whole
 run started again with the same name and storage, resumes from the latest reported checkpoint.
 Rank 0 records the run in MLflow (``dino_ray.tracking``); the MLflow run id travels inside the
-checkpoint, so a resumed run continues the same MLflow run.
+checkpoint, so a resumed run continues the same MLflow run; so do the tracking calls an unreachable server
+has not taken yet (``mlflow_queue.json``), replayed by the resumed run, or kept under
+``output_dir/mlflow_queue`` when the server is still away at the end (``dino-ray sync-tracking``).
 """
 from __future__ import annotations
 
@@ -14,12 +16,15 @@ import contextlib
 import dataclasses
 import logging
 import math
+import re
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import numpy as np
+import pyarrow.fs as pafs
 import ray
 import ray.train
 import torch
@@ -31,13 +36,14 @@ from dino_ray.config import DINOConfig, build_config
 from dino_ray.data.ray_data import multicrop_dataset, shard_epochs
 from dino_ray.eval.monitor import knn_monitor
 from dino_ray.logs import log_to_stderr
-from dino_ray.storage import is_uri
-from dino_ray.train.checkpoint import RUN_ID_FILE, load_checkpoint, strip_module_prefix
+from dino_ray.storage import is_uri, join
+from dino_ray.train.checkpoint import QUEUE_FILE, RUN_ID_FILE, load_checkpoint, strip_module_prefix
 from dino_ray.train.loop import build_student_teacher, train_dino
 
 log = logging.getLogger(__name__)
+MLFLOW_RUN_ID = re.compile(r"[0-9a-f]{32}")
 
-RESTORED_FILES = ("checkpoint.pth", "log.txt", RUN_ID_FILE)
+RESTORED_FILES = ("checkpoint.pth", "log.txt", RUN_ID_FILE, QUEUE_FILE)
 
 
 def restore_files(local_dir: Path, names: tuple[str, ...]) -> bool:
@@ -73,16 +79,17 @@ def worker_scratch(prefix: str) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def finishing(tracker: Optional[Any]) -> Iterator[None]:
-    """Close the rank-0 MLflow run: FINISHED after the body, FAILED if it raises (and re-raise)."""
+def finishing(tracker: Optional[Any], keep_dir: Optional[str] = None) -> Iterator[None]:
+    """Close the rank-0 MLflow run: FINISHED after the body, FAILED if it raises (and re-raise). Calls a
+    server that never came back did not take are copied to ``keep_dir`` before the scratch folder goes."""
     try:
         yield
     except BaseException:
-        if tracker is not None:
-            tracker.finish("FAILED")
+        if tracker is not None and not tracker.finish("FAILED") and keep_dir:
+            tracker.keep_queue(keep_dir)
         raise
-    if tracker is not None:
-        tracker.finish()
+    if tracker is not None and not tracker.finish() and keep_dir:
+        tracker.keep_queue(keep_dir)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -95,18 +102,20 @@ def _train_in(local_dir: Path, loop_config: dict[str, Any]) -> None:
     cfg = build_config(loop_config["config"])
     context = ray.train.get_context()
     rank = context.get_world_rank()
-    if not restore_files(local_dir, RESTORED_FILES) and loop_config.get("resume_from"):
-        shutil.copy(loop_config["resume_from"], local_dir / "checkpoint.pth")
-        if loop_config.get("mlflow_run_id"):
-            (local_dir / RUN_ID_FILE).write_text(loop_config["mlflow_run_id"])
+    if not restore_files(local_dir, RESTORED_FILES) and loop_config.get("resume_from") is not None:
+        with loop_config["resume_from"].as_directory() as folder:  # from the run's storage, on any node
+            for name in ("checkpoint.pth", RUN_ID_FILE):
+                if (Path(folder) / name).exists():
+                    shutil.copy(Path(folder) / name, local_dir / name)
     tracker = None
     if rank == 0:
-        from dino_ray.tracking import pretraining_tracker  # rank 0 alone talks to MLflow
+        from dino_ray.tracking import RUN_KEY_TAG, pretraining_tracker  # rank 0 alone talks to MLflow
 
         run_id_file = local_dir / RUN_ID_FILE
         tracker = pretraining_tracker(cfg, run_id_file.read_text().strip() if run_id_file.exists() else None,
                                       tags={"ray_job_id": loop_config.get("job_id") or "none",
-                                            "num_workers": str(context.get_world_size())})
+                                            "num_workers": str(context.get_world_size()),
+                                            RUN_KEY_TAG: loop_config["run_key"]}, spool_dir=local_dir)
         if tracker.run_id:
             run_id_file.write_text(tracker.run_id)
 
@@ -116,7 +125,9 @@ def _train_in(local_dir: Path, loop_config: dict[str, Any]) -> None:
         if rank != 0:
             ray.train.report(metrics)
             return
-        tracker.log_metrics(stats, step=epoch)
+        tracker.log_metrics(stats, step=epoch, send=False, once=True)  # in the checkpoint's spool, sent after it
+        if tracker.run_id and not run_id_file.exists():  # created late: the server was away at the start
+            run_id_file.write_text(tracker.run_id)
         with reported_files(local_dir, (*RESTORED_FILES, "config.yaml")) as checkpoint:
             monitor = bool(cfg.eval.knn_every) and ((epoch + 1) % cfg.eval.knn_every == 0 or epoch + 1 == cfg.epochs)
             if monitor and cfg.eval.knn_sync:  # in this report, so Tune's schedulers see the metric
@@ -124,6 +135,7 @@ def _train_in(local_dir: Path, loop_config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_epoch{epoch:04d}",
                              validation=ValidationTaskConfig(fn_kwargs={"epoch": epoch})
                              if monitor and not cfg.eval.knn_sync else False)
+        tracker.flush()
         tracker.log_artifact(local_dir / "log.txt")
         if kept:
             tracker.log_artifact(local_dir / f"checkpoint{epoch:04}.pth", "checkpoints")
@@ -138,7 +150,7 @@ def _train_in(local_dir: Path, loop_config: dict[str, Any]) -> None:
     epoch_batches = None
     if cfg.data_loader == "ray_data":
         epoch_batches = shard_epochs(cfg, loop_config["rows"], rank, context.get_world_size())
-    with finishing(tracker):
+    with finishing(tracker, loop_config.get("keep_dir")):
         train_dino(cfg, on_epoch_end=report, show_progress=False, on_step=log_step if tracker is not None else None,
                    work_dir=local_dir, epoch_batches=epoch_batches)
         if tracker is not None:
@@ -167,13 +179,38 @@ def checkpoint_from_mlflow(cfg: DINOConfig, run_id: str) -> str:
     return download_checkpoint(tracking_uri(cfg), run_id, Path(cfg.output_dir).resolve() / "resume" / run_id)
 
 
-def build_trainer(cfg: DINOConfig, resume_from: Optional[str] = None, job_id: Optional[str] = None,
-                  mlflow_run_id: Optional[str] = None, callbacks: Optional[list] = None) -> TorchTrainer:
-    """A TorchTrainer for ``cfg``: scaling, storage, failure and checkpoint-keeping from the config's sections."""
+def run_storage(cfg: DINOConfig) -> tuple[str, str]:
+    """Where Ray Train keeps this run: ``run.storage_path`` (default ``output_dir/ray_results``) and its name."""
+    return (cfg.run.storage_path or str(Path(cfg.output_dir).resolve() / "ray_results"),
+            cfg.run.name or Path(cfg.output_dir).name)
+
+
+def staged_resume(cfg: DINOConfig, checkpoint_file: str, mlflow_run_id: Optional[str] = None) -> Checkpoint:
+    """The checkpoint to resume from, copied into the run's storage (``<run>/resume_from``) as a Ray
+    ``Checkpoint`` that every worker reads wherever it runs: never a path only this process has. (Ray Train V2
+    takes it through ``train_loop_config``: ``resume_from_checkpoint`` is gone.)"""
+    storage, name = run_storage(cfg)
+    location = join(storage, name, "resume_from")
+    filesystem, path = (pafs.FileSystem.from_uri(location) if is_uri(location)
+                        else (pafs.LocalFileSystem(), str(Path(location).resolve())))
+    with tempfile.TemporaryDirectory() as staging:
+        shutil.copy(checkpoint_file, Path(staging) / "checkpoint.pth")
+        if mlflow_run_id:
+            (Path(staging) / RUN_ID_FILE).write_text(mlflow_run_id)
+        filesystem.create_dir(path)
+        pafs.copy_files(staging, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=filesystem)
+    log.info("resuming from %s, staged in the run's storage at %s", checkpoint_file, location)
+    return Checkpoint(path, filesystem)
+
+
+def build_trainer(cfg: DINOConfig, resume_from: Optional[Checkpoint] = None, job_id: Optional[str] = None,
+                  callbacks: Optional[list] = None) -> TorchTrainer:
+    """A TorchTrainer for ``cfg``: scaling, storage, failure and checkpoint-keeping from the config's sections;
+    ``resume_from``: a checkpoint in the run's storage (``staged_resume``) for a run that has none of its own."""
     use_gpu = cfg.scaling.use_gpu
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    storage_path = cfg.run.storage_path or str(Path(cfg.output_dir).resolve() / "ray_results")
+    storage_path, run_name = run_storage(cfg)
     kept = math.ceil(cfg.epochs / cfg.saveckp_freq) if cfg.saveckp_freq else 1
     validation = None
     if cfg.eval.knn_every and not cfg.eval.knn_sync:  # the k-NN monitor, in Ray's own task per flagged checkpoint
@@ -185,15 +222,16 @@ def build_trainer(cfg: DINOConfig, resume_from: Optional[str] = None, job_id: Op
         datasets = {"train": views}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "resume_from": resume_from, "job_id": job_id,
-                           "mlflow_run_id": mlflow_run_id, "rows": rows},
+        train_loop_config={"config": cfg.to_dict(), "resume_from": resume_from, "job_id": job_id, "rows": rows,
+                           "run_key": uuid.uuid4().hex,  # its MLflow run, even for a restart before any checkpoint
+                           "keep_dir": str(Path(cfg.output_dir).resolve() / "mlflow_queue")},
         datasets=datasets,
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=cfg.scaling.resources_per_worker,
                                      placement_strategy=cfg.scaling.placement_strategy),
         validation_config=validation,
         run_config=RunConfig(
-            name=cfg.run.name or Path(cfg.output_dir).name,
+            name=run_name,
             storage_path=storage_path,
             failure_config=FailureConfig(max_failures=cfg.failure.max_failures),
             # Ray always keeps the latest checkpoint; the score keeps every saveckp_freq-th as well.
@@ -221,17 +259,23 @@ def pretrain_on_ray(cfg: DINOConfig, resume_from: Optional[str] = None) -> ray.t
     """Run (or resume) a pretraining on the Ray cluster this process is connected to (a local one if none).
 
     ``resume_from``: a ``checkpoint.pth`` path, or the id of an MLflow run whose checkpoint to continue
-    from (that MLflow run then continues too).
+    from (that MLflow run then continues too). Either is staged in the run's storage for the workers.
     """
     cfg = absolute_data_paths(cfg)
-    mlflow_run_id = None
-    if resume_from and not Path(resume_from).is_file():
-        mlflow_run_id = resume_from
-        resume_from = checkpoint_from_mlflow(cfg, resume_from)
+    staged = None
+    if resume_from:
+        mlflow_run_id = None
+        if not Path(resume_from).is_file():
+            if not MLFLOW_RUN_ID.fullmatch(resume_from):
+                raise FileNotFoundError(f"resume_from '{resume_from}' is neither an existing checkpoint file nor an "
+                                        f"MLflow run id (32 hexadecimal characters)")
+            mlflow_run_id = resume_from
+            resume_from = checkpoint_from_mlflow(cfg, resume_from)
+        staged = staged_resume(cfg, resume_from, mlflow_run_id)
     if not ray.is_initialized():
         ray.init()
     job_id = ray.get_runtime_context().get_job_id()
-    result = build_trainer(cfg, resume_from, job_id, mlflow_run_id).fit()
+    result = build_trainer(cfg, staged, job_id).fit()
     if result.checkpoint is not None:
         log.info("pretraining done; latest checkpoint: %s", result.checkpoint.path)
     return result
