@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from dino_ray.config import build_config
-from dino_ray.eval.jobs import knn_job
 from dino_ray.eval.linear import LinearArgs, run_linear
+from dino_ray.jobs.knn import KnnArgs, knn_job
 from dino_ray.models.hub import safe_load
 from dino_ray.train.loop import build_student_teacher
 
@@ -65,9 +65,9 @@ def main() -> None:
     results = {"checkpoint": str(checkpoint), "train": train, "val": val, "models": {}}
     for name, weights in (("pretrained", checkpoint), ("random_init", random_init_checkpoint(checkpoint, work))):
         start = time.time()
-        knn = knn_job(str(weights), train, val, str(work / name / "knn"), [10, 20, 100, 200],
-                      max_train_images=args.max_train_images, max_val_images=args.max_val_images, use_ray=False,
-                      num_workers=1)
+        knn = knn_job(KnnArgs(pretrained_weights=str(weights), train_data_path=train, val_data_path=val,
+                              output_dir=str(work / name / "knn"), max_train_images=args.max_train_images,
+                              max_val_images=args.max_val_images, use_ray=False, num_workers=1))
         linear = run_linear(LinearArgs(pretrained_weights=str(weights), n_last_blocks=4, epochs=args.epochs,
                                        lr=args.lr, batch_size_per_gpu=128, num_workers=1, num_labels=10,
                                        train_data_path=train, val_data_path=val,

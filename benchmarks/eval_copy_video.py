@@ -18,8 +18,9 @@ from pathlib import Path
 from eval_cifar10 import ROOT, cifar_shard, quickstart_checkpoint, random_init_checkpoint
 
 from dino_ray.eval.synthetic import write_moving_disc
-from dino_ray.eval.jobs import copy_detection_job, video_segmentation_job
 from dino_ray.eval.video_segmentation import RESOLUTION, davis_scores, davis_videos
+from dino_ray.jobs.copy_detection import CopyDetectionArgs, copy_detection_job
+from dino_ray.jobs.video_segmentation import VideoSegmentationArgs, video_segmentation_job
 
 
 def first_mask_baseline(davis: Path, folder: Path) -> dict:
@@ -47,10 +48,14 @@ def main() -> None:
                                        if k != "objects"}, "models": {}}
     for name, weights in (("pretrained", checkpoint), ("random_init", random_init_checkpoint(checkpoint, work))):
         start = time.time()
-        copies = copy_detection_job(str(weights), images, str(work / name / "copy"), imsize=32,
-                                    max_images=args.copy_images, tracking_uri=f"sqlite:///{work}/mlflow.db")
-        davis_record = video_segmentation_job(str(weights), str(davis), str(work / name / "davis"), size=64,
-                                              tracking_uri=f"sqlite:///{work}/mlflow.db")
+        store = f"sqlite:///{work}/mlflow.db"
+        copies = copy_detection_job(CopyDetectionArgs(pretrained_weights=str(weights), data_path=images,
+                                                      output_dir=str(work / name / "copy"), imsize=32,
+                                                      max_images=args.copy_images, tracking_uri=store))
+        davis_record = video_segmentation_job(VideoSegmentationArgs(pretrained_weights=str(weights),
+                                                                    data_path=str(davis),
+                                                                    output_dir=str(work / name / "davis"), size=64,
+                                                                    tracking_uri=store))
         results["models"][name] = {"copy_detection_mAP": copies["results"],
                                    "davis": {k: v for k, v in davis_record["results"].items() if k != "objects"},
                                    "seconds": round(time.time() - start, 1)}

@@ -23,7 +23,7 @@ import torch
 from dino_ray.config import DINOConfig, build_config, load_config
 from dino_ray.loss import DINOLoss
 from dino_ray.train.loop import (build_optimizer, build_schedules, build_student_teacher, place,
-                                 precision_context, train_one_epoch)
+                                 precision, train_one_epoch)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,7 +56,7 @@ def measure(cfg: DINOConfig, steps: int, warmup: int) -> dict[str, float]:
     loss = DINOLoss(cfg.out_dim, cfg.local_crops_number + 2, cfg.warmup_teacher_temp, cfg.teacher_temp,
                     cfg.warmup_teacher_temp_epochs, cfg.epochs).to(device)
     optimizer = build_optimizer(cfg, student)
-    autocast, scaler = precision_context(cfg, device)
+    autocast, scaler = precision(cfg, device)
     schedules = build_schedules(cfg, warmup + steps, 1)
     batch = synthetic_batch(cfg)
 

@@ -96,70 +96,55 @@ def _vit_shape(args: argparse.Namespace) -> dict[str, int]:
 
 
 def _eval_knn(args: argparse.Namespace) -> None:
-    from dino_ray.eval.jobs import knn_job
+    from dino_ray.jobs.common import from_namespace
+    from dino_ray.jobs.knn import KnnArgs, knn_job
 
-    knn_job(args.pretrained_weights, args.train_data_path or str(Path(args.data_path) / "train"),
-            args.val_data_path or str(Path(args.data_path) / "val"), args.output_dir, args.nb_knn, args.temperature,
-            args.checkpoint_key, args.arch, args.patch_size, _vit_shape(args), args.image_size, args.resize_size,
-            args.max_train_images, args.max_val_images, args.batch_size_per_gpu, args.num_workers,
-            use_ray=not args.no_ray, num_shards=args.num_shards, dump_features=args.dump_features,
-            load_features=args.load_features, tracking_uri=args.tracking_uri, checkpoint=args.checkpoint)
+    knn_job(from_namespace(KnnArgs, args))
 
 
 def _eval_linear(args: argparse.Namespace) -> None:
-    from dino_ray.eval.jobs import linear_job
-    from dino_ray.eval.linear import LinearArgs
+    from dino_ray.eval.linear_args import LinearArgs
+    from dino_ray.jobs.common import from_namespace
+    from dino_ray.jobs.linear import LinearLaunch, linear_job
 
-    fields = {k: getattr(args, k) for k in LinearArgs.__dataclass_fields__ if hasattr(args, k)}
-    fields["train_data_path"] = args.train_data_path or str(Path(args.data_path) / "train")
-    fields["val_data_path"] = args.val_data_path or str(Path(args.data_path) / "val")
-    linear_job(LinearArgs(**fields, vit_shape=_vit_shape(args)), use_ray=not args.no_ray,
-               ray_workers=args.ray_workers, tracking_uri=args.tracking_uri, checkpoint=args.checkpoint,
-               max_failures=args.max_failures)
+    data = {name: getattr(args, f"{name}_data_path") or str(Path(args.data_path) / name) for name in ("train", "val")}
+    linear_job(from_namespace(LinearArgs, args, vit_shape=_vit_shape(args), train_data_path=data["train"],
+                              val_data_path=data["val"]), from_namespace(LinearLaunch, args))
 
 
 def _visualize_attention(args: argparse.Namespace) -> None:
-    from dino_ray.eval.jobs import attention_job
+    from dino_ray.jobs.attention import AttentionArgs, attention_job
+    from dino_ray.jobs.common import from_namespace
 
-    size = tuple(args.image_size) if len(args.image_size) == 2 else args.image_size[0]
-    attention_job(args.pretrained_weights, args.image_path, args.output_dir, args.checkpoint_key, args.arch,
-                  args.patch_size, _vit_shape(args), size, args.threshold, args.tracking_uri, args.checkpoint,
-                  track=not args.no_mlflow)
+    attention_job(from_namespace(AttentionArgs, args))
 
 
 def _eval_retrieval(args: argparse.Namespace) -> None:
-    from dino_ray.eval.jobs import retrieval_job
+    from dino_ray.jobs.common import from_namespace
+    from dino_ray.jobs.retrieval import RetrievalArgs, retrieval_job
 
-    retrieval_job(args.pretrained_weights, args.data_path, args.output_dir, args.dataset, args.multiscale, args.imsize,
-                  args.recall_at, args.checkpoint_key, args.arch, args.patch_size, _vit_shape(args), args.image_size,
-                  args.max_images, args.batch_size_per_gpu, args.tracking_uri, args.checkpoint)
+    retrieval_job(from_namespace(RetrievalArgs, args))
 
 
 def _eval_copy_detection(args: argparse.Namespace) -> None:
-    from dino_ray.eval.jobs import copy_detection_job
+    from dino_ray.jobs.common import from_namespace
+    from dino_ray.jobs.copy_detection import CopyDetectionArgs, copy_detection_job
 
-    copy_detection_job(args.pretrained_weights, args.data_path, args.output_dir, args.dataset, args.whitening_path,
-                       args.distractors_path, args.imsize, args.num_originals, args.max_images, args.edits or (),
-                       args.seed, args.batch_size_per_gpu, args.checkpoint_key, args.arch, args.patch_size,
-                       _vit_shape(args), args.tracking_uri, args.checkpoint)
+    copy_detection_job(from_namespace(CopyDetectionArgs, args))
 
 
 def _eval_video_segmentation(args: argparse.Namespace) -> None:
-    from dino_ray.eval.jobs import video_segmentation_job
+    from dino_ray.jobs.common import from_namespace
+    from dino_ray.jobs.video_segmentation import VideoSegmentationArgs, video_segmentation_job
 
-    video_segmentation_job(args.pretrained_weights, args.data_path, args.output_dir, args.videos, args.size,
-                           args.n_last_frames, args.size_mask_neighborhood, args.topk, args.checkpoint_key, args.arch,
-                           args.patch_size, _vit_shape(args), args.tracking_uri, args.checkpoint)
+    video_segmentation_job(from_namespace(VideoSegmentationArgs, args))
 
 
 def _attention_video(args: argparse.Namespace) -> None:
-    from dino_ray.eval.jobs import attention_video_job
+    from dino_ray.jobs.attention import AttentionVideoArgs, attention_video_job
+    from dino_ray.jobs.common import from_namespace
 
-    resize = None if not args.resize else tuple(args.resize) if len(args.resize) == 2 else args.resize[0]
-    threshold = args.threshold if args.threshold > 0 else None
-    attention_video_job(args.pretrained_weights, args.input_path, args.output_path, resize, threshold, args.heads,
-                        args.batch_size, args.fps, args.video_only, args.checkpoint_key, args.arch, args.patch_size,
-                        _vit_shape(args), args.tracking_uri, args.checkpoint, track=not args.no_mlflow)
+    attention_video_job(from_namespace(AttentionVideoArgs, args))
 
 
 def _weights_flags(p: argparse.ArgumentParser) -> None:
@@ -187,7 +172,7 @@ def _data_flags(p: argparse.ArgumentParser, batch_size: int) -> None:
     p.add_argument("--max_val_images", type=int, default=None)
     p.add_argument("--batch_size_per_gpu", type=int, default=batch_size)
     p.add_argument("--num_workers", type=int, default=10, help="data-loading processes")
-    p.add_argument("--no-ray", dest="no_ray", action="store_true", help="run in this process, without Ray")
+    p.add_argument("--no-ray", dest="use_ray", action="store_false", help="run in this process, without Ray")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -303,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "frame folder)")
     p.add_argument("--batch_size", type=int, default=8, help="frames per forward pass")
     p.add_argument("--video_only", action="store_true", help="do not keep the rendered frames")
-    p.add_argument("--no-mlflow", dest="no_mlflow", action="store_true", help="only write the files")
+    p.add_argument("--no-mlflow", dest="track", action="store_false", help="only write the files")
     p.set_defaults(func=_attention_video)
 
     p = sub.add_parser("eval-linear", help="linear probe on frozen features (eval_linear.py), on Ray Train")
@@ -334,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image_size", type=int, nargs="+", default=[480, 480], help="resize to (h w) or shorter side")
     p.add_argument("--threshold", type=float, default=None, help="keep this fraction of the attention mass")
     p.add_argument("--output_dir", default="outputs/attention")
-    p.add_argument("--no-mlflow", dest="no_mlflow", action="store_true", help="only write the PNGs")
+    p.add_argument("--no-mlflow", dest="track", action="store_false", help="only write the PNGs")
     p.set_defaults(func=_visualize_attention)
     return parser
 

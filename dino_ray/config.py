@@ -12,7 +12,8 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, get_args, get_origin, get_type_hints
+from types import UnionType
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -34,6 +35,9 @@ class ScalingSection:
     use_gpu: Optional[bool] = None  # None: use GPUs when the cluster has them
     resources_per_worker: Optional[dict] = None  # e.g. {CPU: 4, GPU: 1}
     placement_strategy: str = "PACK"  # or SPREAD / STRICT_SPREAD (one worker per node) / STRICT_PACK
+    # torch's compute threads in each worker; None: Ray's default, the worker's CPUs (1 unless
+    # resources_per_worker says more), which leaves a 1-worker run on a laptop with one core busy
+    threads_per_worker: Optional[int] = None
 
 
 @dataclass
@@ -180,20 +184,27 @@ _HINTS = {k: v for k, v in get_type_hints(DINOConfig).items() if k not in SECTIO
 _HINTS.update({f"{name}.{k}": v for name, cls in SECTIONS.items() for k, v in get_type_hints(cls).items()})
 
 
-def _coerce(key: str, value: Any) -> Any:
-    """Convert a YAML value to the field's type, or raise naming the key and value."""
-    hint = _HINTS[key]
-    optional = get_origin(hint) is not None and type(None) in get_args(hint)
+def coerce(key: str, value: Any, hint: Any) -> Any:
+    """Convert a YAML / command-line value to the type ``hint``, or raise naming the key and value. Lists
+    are converted item by item; a union of other types than None passes through as it is."""
+    optional = get_origin(hint) in (Union, UnionType) and type(None) in get_args(hint)
     if optional:
         if value is None:
             return None
-        hint = next(a for a in get_args(hint) if a is not type(None))
+        rest = [a for a in get_args(hint) if a is not type(None)]
+        if len(rest) > 1:
+            return value
+        hint = rest[0]
     try:
         if get_origin(hint) is tuple:
             items = list(value) if isinstance(value, (list, tuple)) else None
             if items is None or len(items) != len(get_args(hint)):
                 raise TypeError
             return tuple(float(x) for x in items)
+        if get_origin(hint) is list:
+            if not isinstance(value, (list, tuple)):
+                raise TypeError
+            return [coerce(key, item, get_args(hint)[0]) for item in value]
         if hint is bool:
             if isinstance(value, bool):
                 return value
@@ -210,9 +221,36 @@ def _coerce(key: str, value: Any) -> Any:
             return str(value)
         if hint is dict and isinstance(value, dict):
             return dict(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, ConfigError):
         pass
     raise ConfigError(f"config key '{key}': value {value!r} is not a valid {hint}")
+
+
+def unknown_keys(given: Any, known: Any, source: str) -> None:
+    """Refuse keys outside ``known``, each with the closest valid key when there is one (a typo)."""
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        hints = [f"'{key}' (did you mean '{close[0]}'?)" if (close := difflib.get_close_matches(key, known, n=1))
+                 else f"'{key}'" for key in unknown]
+        raise ConfigError(f"{source}: unknown config key(s) {', '.join(hints)}")
+
+
+def check(obj: Any) -> None:
+    """Raise one ``ConfigError`` naming every problem of an arguments object (its ``problems()``)."""
+    problems = obj.problems()
+    if problems:
+        raise ConfigError(f"{type(obj).__name__}: {'; '.join(problems)}")
+
+
+def below(obj: Any, names: tuple[str, ...], minimum: float) -> list[str]:
+    """Problems of the fields ``names`` of ``obj`` (None allowed; lists item by item) that are below ``minimum``."""
+    problems = []
+    for name in names:
+        value = getattr(obj, name)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if any(v is not None and v < minimum for v in values):
+            problems.append(f"{name} must be >= {minimum:g}, got {value}")
+    return problems
 
 
 def _validate(cfg: DINOConfig) -> None:
@@ -253,18 +291,12 @@ def _validate(cfg: DINOConfig) -> None:
                         f"and {cfg.ray_data.batch_size}")
     if cfg.optimizer not in OPTIMIZERS:
         problems.append(f"optimizer '{cfg.optimizer}' is unknown (choose from {', '.join(OPTIMIZERS)})")
-    for key in ("lr", "min_lr", "weight_decay", "weight_decay_end", "clip_grad", "drop_path_rate",
-                "warmup_teacher_temp", "teacher_temp", "koleo_loss_weight"):
-        if getattr(cfg, key) < 0:
-            problems.append(f"{key} must be >= 0, got {getattr(cfg, key)}")
-    for key in ("patch_size", "out_dim", "batch_size_per_gpu", "epochs", "global_crops_size",
-                "local_crops_size", "head_hidden_dim", "head_bottleneck_dim", "head_nlayers"):
-        if getattr(cfg, key) < 1:
-            problems.append(f"{key} must be >= 1, got {getattr(cfg, key)}")
-    for key in ("local_crops_number", "warmup_epochs", "freeze_last_layer", "num_workers", "saveckp_freq",
-                "warmup_teacher_temp_epochs"):
-        if getattr(cfg, key) < 0:
-            problems.append(f"{key} must be >= 0, got {getattr(cfg, key)}")
+    problems += below(cfg, ("lr", "min_lr", "weight_decay", "weight_decay_end", "clip_grad", "drop_path_rate",
+                            "warmup_teacher_temp", "teacher_temp", "koleo_loss_weight", "local_crops_number",
+                            "warmup_epochs", "freeze_last_layer", "num_workers", "saveckp_freq",
+                            "warmup_teacher_temp_epochs"), 0)
+    problems += below(cfg, ("patch_size", "out_dim", "batch_size_per_gpu", "epochs", "global_crops_size",
+                            "local_crops_size", "head_hidden_dim", "head_bottleneck_dim", "head_nlayers"), 1)
     if not 0 <= cfg.momentum_teacher <= 1:
         problems.append(f"momentum_teacher must be in [0, 1], got {cfg.momentum_teacher}")
     if not 0 <= cfg.blur_radius[0] <= cfg.blur_radius[1]:
@@ -286,6 +318,8 @@ def _validate(cfg: DINOConfig) -> None:
                 problems.append(f"{key} ({getattr(cfg, key)}) is not a multiple of patch_size ({cfg.patch_size})")
     if cfg.scaling.num_workers < 1:
         problems.append(f"scaling.num_workers must be >= 1, got {cfg.scaling.num_workers}")
+    if cfg.scaling.threads_per_worker is not None and cfg.scaling.threads_per_worker < 1:
+        problems.append(f"scaling.threads_per_worker must be >= 1 or null, got {cfg.scaling.threads_per_worker}")
     if cfg.failure.max_failures < -1:
         problems.append(f"failure.max_failures must be >= -1 (-1: retry forever), got {cfg.failure.max_failures}")
     if cfg.tracking.retry_timeout_s < 0:
@@ -325,12 +359,8 @@ def flatten(values: dict[str, Any]) -> dict[str, Any]:
 def build_config(values: dict[str, Any], source: str = "config") -> DINOConfig:
     """Make a validated config from a mapping (sections nested or dotted); unknown keys are an error."""
     flat = flatten(values)
-    unknown = sorted(set(flat) - set(_HINTS))
-    if unknown:
-        hints = [f"'{key}' (did you mean '{close[0]}'?)" if (close := difflib.get_close_matches(key, _HINTS, n=1))
-                 else f"'{key}'" for key in unknown]
-        raise ConfigError(f"{source}: unknown config key(s) {', '.join(hints)}")
-    coerced = {k: _coerce(k, v) for k, v in flat.items()}
+    unknown_keys(flat, _HINTS, source)
+    coerced = {k: coerce(k, v, _HINTS[k]) for k, v in flat.items()}
     sections = {name: cls(**{k.split(".", 1)[1]: v for k, v in coerced.items() if k.startswith(name + ".")})
                 for name, cls in SECTIONS.items()}
     cfg = DINOConfig(**{k: v for k, v in coerced.items() if "." not in k}, **sections)

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import ray
 import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
@@ -29,8 +28,9 @@ from dino_ray.eval.attention import save_attention
 from dino_ray.eval.knn import evaluate_knn
 from dino_ray.eval.monitor import first_images
 from dino_ray.models.hub import load_pretrained_weights
+from dino_ray.ray_session import ray_session
 from dino_ray.tracking import eval_tracker, tracking_uri, ui_command
-from dino_ray.train.loop import build_student_teacher
+from dino_ray.train.loop import build_config_backbone
 from dino_ray.train.checkpoint import RUN_ID_FILE
 from dino_ray.train.ray_trainer import pretrain_on_ray
 
@@ -56,16 +56,10 @@ def run_quickstart(train_data: Optional[str], val_data: Optional[str], output_di
     run_name = time.strftime("quickstart-%Y%m%d-%H%M%S")  # a new run each time; earlier ones stay comparable
     cfg = load_config(config, [f"data_path={train_data}", f"output_dir={out}", "scaling.num_workers=1",
                                f"run.name={run_name}", f"eval.knn_val_data={val_data}", *(overrides or [])])
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(include_dashboard=True)
-    try:
+    with ray_session(include_dashboard=True):
         start = time.time()
         result = pretrain_on_ray(cfg)
         train_minutes = (time.time() - start) / 60
-    finally:
-        if started_ray:
-            ray.shutdown()
     if result.error is not None or result.checkpoint is None:
         raise RuntimeError(f"pretraining failed: {result.error}")
     final = out / run_name
@@ -77,11 +71,10 @@ def run_quickstart(train_data: Optional[str], val_data: Optional[str], output_di
     knn_train = random_subset(build_dataset(train_data, transform), knn_train_images)
     knn_val = random_subset(build_dataset(val_data, transform), knn_val_images)
     torch.manual_seed(cfg.seed)
-    _, random_init = build_student_teacher(cfg)  # the exact initial weights of this run
-    _, pretrained = build_student_teacher(cfg)
-    load_pretrained_weights(pretrained.backbone, final / "checkpoint.pth", "teacher")
+    random_init = build_config_backbone(cfg)  # the exact initial weights of this run
+    pretrained = load_pretrained_weights(build_config_backbone(cfg), final / "checkpoint.pth", "teacher")
     results = {}
-    for name, model in (("random_init", random_init.backbone), ("pretrained", pretrained.backbone),
+    for name, model in (("random_init", random_init), ("pretrained", pretrained),
                         ("raw_pixels", nn.Flatten())):  # normalised pixels, cosine similarity: the bar to beat
         top1, top5 = evaluate_knn(model, knn_train, knn_val, nb_knn=[20], temperature=0.07, batch_size=256)[20]
         results[name] = {"top1": top1, "top5": top5}
@@ -102,7 +95,7 @@ def run_quickstart(train_data: Optional[str], val_data: Optional[str], output_di
                                                                 "image_size": 4 * cfg.global_crops_size},
                                      epoch=trained_epochs)
         for image in first_images(val_data, attention_dir / "inputs", attention_images):
-            files = save_attention(pretrained.backbone, image, attention_dir / image.stem, cfg.patch_size,
+            files = save_attention(pretrained, image, attention_dir / image.stem, cfg.patch_size,
                                    image_size=4 * cfg.global_crops_size, threshold=0.6)
             attention_run.log_artifact(files[-1], f"attention/{image.stem}")
         attention_run.finish()

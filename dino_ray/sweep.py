@@ -34,13 +34,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import ray  # noqa: E402
 import yaml  # noqa: E402
 from ray import tune  # noqa: E402
 from ray.tune.integration.ray_train import TuneReportCallback  # noqa: E402
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler  # noqa: E402
 
 from dino_ray.config import ConfigError, build_config, flatten, load_config  # noqa: E402
+from dino_ray.ray_session import ray_session  # noqa: E402
 from dino_ray.tracking import RunTracker, tracking_uri, ui_command  # noqa: E402
 from dino_ray.train.ray_trainer import absolute_data_paths, build_trainer  # noqa: E402
 
@@ -169,25 +169,23 @@ def run_sweep(spec: SweepSpec, resume: bool = False) -> list[dict[str, Any]]:
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / SPEC_FILE).write_text(json.dumps(spec.__dict__, indent=2))
     parent = _parent_run(spec, sweep_dir, uri, experiment)
-    if not ray.is_initialized():
-        ray.init()
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base={**spec.base, "tracking.experiment_name": experiment},
-                             sweep_dir=str(sweep_dir), parent_run_id=parent, uri=uri),
-        {"cpu": spec.trial_cpus})
-    tune_dir = sweep_dir / "tune"
-    if resume and tune.Tuner.can_restore(str(tune_dir / spec.name)):
-        tuner = tune.Tuner.restore(str(tune_dir / spec.name), trainable, resume_unfinished=True,
-                                   resume_errored=True)
-    else:
-        tuner = tune.Tuner(
-            trainable, param_space=param_space(spec.search_space),
-            tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, scheduler=scheduler_of(spec),
-                                        num_samples=spec.num_samples,
-                                        max_concurrent_trials=spec.max_concurrent_trials),
-            run_config=tune.RunConfig(name=spec.name, storage_path=str(tune_dir)))
-    results = tuner.fit()
-    rows = summarize(spec, results, sweep_dir)
+    with ray_session():
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, base={**spec.base, "tracking.experiment_name": experiment},
+                                 sweep_dir=str(sweep_dir), parent_run_id=parent, uri=uri),
+            {"cpu": spec.trial_cpus})
+        tune_dir = sweep_dir / "tune"
+        if resume and tune.Tuner.can_restore(str(tune_dir / spec.name)):
+            tuner = tune.Tuner.restore(str(tune_dir / spec.name), trainable, resume_unfinished=True,
+                                       resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable, param_space=param_space(spec.search_space),
+                tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, scheduler=scheduler_of(spec),
+                                            num_samples=spec.num_samples,
+                                            max_concurrent_trials=spec.max_concurrent_trials),
+                run_config=tune.RunConfig(name=spec.name, storage_path=str(tune_dir)))
+        rows = summarize(spec, tuner.fit(), sweep_dir)
     record_sweep(spec, rows, sweep_dir, uri, parent)
     return rows
 

@@ -38,12 +38,18 @@ from dino_ray.train.checkpoint import QUEUE_FILE
 log = logging.getLogger(__name__)
 
 
+def resolve_tracking_uri(explicit: Optional[str], fallback: Optional[str]) -> Optional[str]:
+    """Every command's MLflow store, in one order: the one given, else ``$MLFLOW_TRACKING_URI``, else ``fallback``."""
+    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or fallback
+
+
+def embedded_store(output_dir: str | Path) -> str:
+    """The embedded store of a run's output folder: SQLite beside its artifacts."""
+    return f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
+
+
 def tracking_uri(cfg: DINOConfig) -> str:
-    if cfg.tracking.tracking_uri:
-        return cfg.tracking.tracking_uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{Path(cfg.output_dir).resolve() / 'mlflow.db'}"
+    return resolve_tracking_uri(cfg.tracking.tracking_uri, embedded_store(cfg.output_dir))
 
 
 def embedded_artifacts(cfg: DINOConfig) -> Optional[str]:

@@ -5,7 +5,7 @@ import torch
 
 from dino_ray import build_backbone
 from dino_ray.eval.synthetic import moving_disc
-from dino_ray.eval.attention import batch_attention_maps, denormalize, mass_mask
+from dino_ray.eval.attention import batch_attention_maps, mass_mask, to_rgb
 from dino_ray.eval.attention_video import attention_video, overlay, render_batch, tile
 from dino_ray.eval.video import read_frames, video_info, write_video
 
@@ -37,8 +37,8 @@ def test_a_rendered_frame_is_the_head_mean_over_the_frame_dimmed_outside_the_kep
     mean = maps[0].mean(dim=0)
     keep = mass_mask(mean.flatten(), 0.6).reshape(mean.shape).numpy()
     assert 0 < keep.sum() < keep.size
-    assert np.array_equal(frame, overlay(denormalize(images[0]), mean.numpy(), keep))
-    rgb = denormalize(images[0])
+    assert np.array_equal(frame, overlay(to_rgb(images[0]), mean.numpy(), keep))
+    rgb = to_rgb(images[0])
     assert np.abs(frame[~keep].astype(float) - 0.3 * rgb[~keep] * 255).max() <= 0.5 + 1e-3  # only dimmed
     hottest = np.unravel_index(mean.argmax().item(), mean.shape)  # the most attended pixel: frame + inferno's top
     assert keep[hottest] and frame[hottest][0] >= (0.6 * 0.98 + 0.4 * rgb[hottest][0]) * 255 - 1

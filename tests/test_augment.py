@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageFilter
 from torchvision import transforms
 
-from dino_ray.data.augment import DataAugmentationDINO
+from dino_ray.data.augment import DataAugmentationDINO, denormalize, normalize, normalize_tensor
 
 DRAWS = 4000
 NAMES = {"RandomHorizontalFlip": "flip", "RandomApply": "jitter", "RandomGrayscale": "grayscale",
@@ -91,3 +91,13 @@ def test_blur_probability_and_radius(views, view, p, monkeypatch):
     assert 0.1 <= min(radii) and max(radii) <= 2.0 and abs(np.mean(radii) - 1.05) < 0.05  # U(0.1, 2.0)
     edge_values = {int(v) for image in blurred for v in np.unique(np.asarray(image))}
     assert len(edge_values) > 2, "a blurred edge has values between black and white"
+
+
+def test_one_imagenet_normalisation_for_pil_images_tensors_and_figures():
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 6, 3), dtype=np.uint8))
+    pixels = torch.from_numpy(np.asarray(image)).permute(2, 0, 1).float() / 255
+    assert torch.allclose(normalize()(image), normalize_tensor(pixels), atol=1e-6)
+    assert torch.allclose(normalize_tensor(pixels[None])[0], normalize_tensor(pixels))  # batches too
+    assert torch.allclose(normalize_tensor(torch.ones(3, 1, 1)).flatten(),
+                          torch.tensor([(1 - 0.485) / 0.229, (1 - 0.456) / 0.224, (1 - 0.406) / 0.225]))
+    assert torch.allclose(denormalize(normalize_tensor(pixels)), pixels, atol=1e-6)

@@ -53,6 +53,7 @@ def test_yaml_then_overrides(tmp_path):
     (["epoch_length=10", "data_loader=ray_data"], "epoch_length needs data_loader: torch"),
     (["momentum_teacher_end=1.5"], r"momentum_teacher_end must be in \[0, 1\]"),
     (["koleo_loss_weight=-1"], "koleo_loss_weight must be >= 0"),
+    (["scaling.threads_per_worker=0"], "scaling.threads_per_worker must be >= 1 or null, got 0"),
 ])
 def test_bad_values_are_named(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -21,13 +21,17 @@ from dino_ray.data.datasets import build_dataset  # noqa: E402
 from dino_ray.eval.synthetic import write_moving_disc  # noqa: E402
 from dino_ray.eval.features import backbone_from_weights, extract_features  # noqa: E402
 from dino_ray.eval.copy_detection import copy_scores  # noqa: E402
-from dino_ray.eval.jobs import (attention_job, attention_video_job, copy_detection_job, knn_job,  # noqa: E402
-                                linear_job, retrieval_job, video_segmentation_job)
 from dino_ray.eval.linear import LinearArgs  # noqa: E402
 from dino_ray.eval.ray_features import extract_features_on_ray  # noqa: E402
 from dino_ray.eval.retrieval import generic_scores  # noqa: E402
 from dino_ray.eval.video import video_info  # noqa: E402
 from dino_ray.eval.video_segmentation import davis_scores  # noqa: E402
+from dino_ray.jobs.attention import AttentionArgs, AttentionVideoArgs, attention_job, attention_video_job  # noqa: E402
+from dino_ray.jobs.copy_detection import CopyDetectionArgs, copy_detection_job  # noqa: E402
+from dino_ray.jobs.knn import KnnArgs, knn_job  # noqa: E402
+from dino_ray.jobs.linear import linear_job  # noqa: E402
+from dino_ray.jobs.retrieval import RetrievalArgs, retrieval_job  # noqa: E402
+from dino_ray.jobs.video_segmentation import VideoSegmentationArgs, video_segmentation_job  # noqa: E402
 from dino_ray.tracking import tracking_uri  # noqa: E402
 from dino_ray.train.ray_trainer import pretrain_on_ray  # noqa: E402
 
@@ -70,8 +74,9 @@ def test_features_from_ray_tasks_equal_one_process(pretraining, tmp_path):
 
 def test_knn_from_an_mlflow_run_id_is_nested_under_it(pretraining, tmp_path):
     run = pretraining["run"]
-    record = knn_job(run.info.run_id, str(SAMPLE / "train.parquet"), VAL, str(tmp_path / "knn"), [5, 20],
-                     max_train_images=400, max_val_images=200, tracking_uri=pretraining["uri"], num_shards=2)
+    record = knn_job(KnnArgs(pretrained_weights=run.info.run_id, train_data_path=str(SAMPLE / "train.parquet"),
+                             val_data_path=VAL, output_dir=str(tmp_path / "knn"), nb_knn=[5, 20], max_train_images=400,
+                             max_val_images=200, tracking_uri=pretraining["uri"], num_shards=2))
     assert record["checkpoint_epoch"] == 2 and record["pretraining_run"] == run.info.run_id
     assert set(record["results"]) == {"5", "20"} and 0 < record["results"]["20"]["top5"] <= 100
     (knn_run,) = children(pretraining, "knn")
@@ -107,9 +112,10 @@ def test_attention_maps_of_an_official_layout_backbone_file(pretraining, tmp_pat
     backbone, _ = backbone_from_weights(pretraining["checkpoint"])
     torch.save(backbone.state_dict(), tmp_path / "dino_backbone.pth")
     build_dataset(VAL, max_images=1)[0][0].save(tmp_path / "cat.png")
-    files = attention_job(str(tmp_path / "dino_backbone.pth"), [str(tmp_path / "cat.png")], str(tmp_path / "att"),
-                          arch="vit_tiny", patch_size=4, vit_shape={"embed_dim": 32, "depth": 1, "num_heads": 2},
-                          image_size=32, threshold=0.6, tracking_uri=pretraining["uri"])
+    files = attention_job(AttentionArgs(pretrained_weights=str(tmp_path / "dino_backbone.pth"),
+                                        image_path=[str(tmp_path / "cat.png")], output_dir=str(tmp_path / "att"),
+                                        arch="vit_tiny", patch_size=4, embed_dim=32, depth=1, num_heads=2,
+                                        image_size=[32], threshold=0.6, tracking_uri=pretraining["uri"]))
     assert {f.name for f in files} >= {"attention.png", "attn-head0.png", "attn-head1.png", "mask-th0.6-head1.png"}
     client = pretraining["client"]
     (run,) = [r for r in client.search_runs([pretraining["run"].info.experiment_id]) if r.info.run_name == "attention"]
@@ -119,8 +125,9 @@ def test_attention_maps_of_an_official_layout_backbone_file(pretraining, tmp_pat
 
 def test_retrieval_generic_and_revisited_modes_link_to_the_pretraining(pretraining, tmp_path):
     run = pretraining["run"]
-    record = retrieval_job(run.info.run_id, VAL, str(tmp_path / "generic"), max_images=200, batch_size=64,
-                           tracking_uri=pretraining["uri"])
+    record = retrieval_job(RetrievalArgs(pretrained_weights=run.info.run_id, data_path=VAL,
+                                         output_dir=str(tmp_path / "generic"), max_images=200, batch_size_per_gpu=64,
+                                         tracking_uri=pretraining["uri"]))
     labels = build_dataset(VAL, None, 200).targets
     chance = generic_scores(torch.randn(200, 32, generator=torch.Generator().manual_seed(0)), torch.tensor(labels))
     assert record["images"] == 200 and record["results"]["generic"]["mAP"] > chance["mAP"] + 2
@@ -144,8 +151,9 @@ def test_retrieval_generic_and_revisited_modes_link_to_the_pretraining(pretraini
                    {"bbx": [8, 8, 32, 32], "easy": [], "hard": [3], "junk": []},
                    {"bbx": None, "easy": [1], "hard": [], "junk": []}]}
     (folder / "gnd_rparis6k.pkl").write_bytes(pickle.dumps(gnd))
-    record = retrieval_job(run.info.run_id, str(tmp_path / "revisited"), str(tmp_path / "paris"), dataset="rparis6k",
-                           multiscale=True, imsize=32, tracking_uri=pretraining["uri"])
+    record = retrieval_job(RetrievalArgs(pretrained_weights=run.info.run_id, data_path=str(tmp_path / "revisited"),
+                                         output_dir=str(tmp_path / "paris"), dataset="rparis6k", multiscale=True,
+                                         imsize=32, tracking_uri=pretraining["uri"]))
     assert record["results"]["medium"]["mAP"] == pytest.approx(100) and record["results"]["medium"]["queries"] == 3
     assert record["results"]["hard"]["mAP"] == pytest.approx(100) and record["results"]["hard"]["queries"] == 1
     retrieval_runs = children(pretraining, "retrieval")
@@ -159,8 +167,9 @@ def test_retrieval_generic_and_revisited_modes_link_to_the_pretraining(pretraini
 
 def test_copy_detection_generic_and_copydays_modes_link_to_the_pretraining(pretraining, tmp_path):
     run = pretraining["run"]
-    record = copy_detection_job(run.info.run_id, VAL, str(tmp_path / "generic"), imsize=16, max_images=400,
-                                edits=["jpeg", "blur", "strong"], tracking_uri=pretraining["uri"])
+    record = copy_detection_job(CopyDetectionArgs(pretrained_weights=run.info.run_id, data_path=VAL,
+                                                  output_dir=str(tmp_path / "generic"), imsize=16, max_images=400,
+                                                  edits=["jpeg", "blur", "strong"], tracking_uri=pretraining["uri"]))
     assert record["originals"] == 200 and record["whitening_images"] == 200 and record["database"] == 200
     chance = copy_scores({"random": (torch.randn(200, 64), [[k] for k in range(200)])}, torch.randn(200, 64))
     assert record["results"]["jpeg"] > 50 > 10 > chance["random"]  # a JPEG copy is found; at random it would not
@@ -175,8 +184,9 @@ def test_copy_detection_generic_and_copydays_modes_link_to_the_pretraining(pretr
         for folder, name in [("original", f"20{k}000"), ("jpegqual/30", f"20{k}000"), ("strong", f"20{k}001")]:
             (copydays / folder).mkdir(parents=True, exist_ok=True)
             Image.fromarray(pixels).save(copydays / folder / f"{name}.jpg", quality=30 if "jpeg" in folder else 95)
-    record = copy_detection_job(run.info.run_id, str(copydays), str(tmp_path / "days"), dataset="copydays", imsize=16,
-                                tracking_uri=pretraining["uri"])
+    record = copy_detection_job(CopyDetectionArgs(pretrained_weights=run.info.run_id, data_path=str(copydays),
+                                                  output_dir=str(tmp_path / "days"), dataset="copydays", imsize=16,
+                                                  tracking_uri=pretraining["uri"]))
     assert set(record["results"]) == {"original", "strong", "jpegqual/30"} and record["whitening_images"] == 0
     assert record["results"]["original"] == pytest.approx(100)
     assert record["results"]["jpegqual/30"] == pytest.approx(100)
@@ -187,8 +197,10 @@ def test_copy_detection_generic_and_copydays_modes_link_to_the_pretraining(pretr
 def test_video_segmentation_and_attention_video_of_a_generated_video(pretraining, tmp_path):
     made = write_moving_disc(tmp_path, num_frames=12)
     run = pretraining["run"]
-    record = video_segmentation_job(run.info.run_id, str(made["davis"]), str(tmp_path / "davis"), size=32,
-                                    tracking_uri=pretraining["uri"])
+    record = video_segmentation_job(VideoSegmentationArgs(pretrained_weights=run.info.run_id,
+                                                          data_path=str(made["davis"]),
+                                                          output_dir=str(tmp_path / "davis"), size=32,
+                                                          tracking_uri=pretraining["uri"]))
     predicted = sorted((tmp_path / "davis" / "moving_disc").glob("*.png"))
     assert [p.name for p in predicted] == [f"{k:05d}.png" for k in range(12)]
     with Image.open(predicted[3]) as mask:
@@ -202,8 +214,9 @@ def test_video_segmentation_and_attention_video_of_a_generated_video(pretraining
     (davis_run,) = children(pretraining, "video_segmentation")
     assert davis_run.data.metrics["J_and_F"] == pytest.approx(record["results"]["J&F"])
 
-    result = attention_video_job(run.info.run_id, str(made["video"]), str(tmp_path / "video"), heads="all",
-                                 tracking_uri=pretraining["uri"])
+    result = attention_video_job(AttentionVideoArgs(pretrained_weights=run.info.run_id, input_path=str(made["video"]),
+                                                    output_path=str(tmp_path / "video"), heads="all",
+                                                    tracking_uri=pretraining["uri"]))
     assert video_info(result["video"]) == (12, 10) and len(list(result["frames"].glob("*.png"))) == 12
     (video_run,) = children(pretraining, "attention_video")
     artifacts = {a.path for a in pretraining["client"].list_artifacts(video_run.info.run_id)}
@@ -211,8 +224,9 @@ def test_video_segmentation_and_attention_video_of_a_generated_video(pretraining
 
     # a store that lacks the pretraining run (another --tracking_uri): the eval is recorded there, not nested
     other = f"sqlite:///{tmp_path}/other.db"
-    attention_video_job(pretraining["checkpoint"], str(made["video"]), str(tmp_path / "elsewhere"), video_only=True,
-                        tracking_uri=other)
+    attention_video_job(AttentionVideoArgs(pretrained_weights=pretraining["checkpoint"], input_path=str(made["video"]),
+                                           output_path=str(tmp_path / "elsewhere"), video_only=True,
+                                           tracking_uri=other))
     client = MlflowClient(other)
     (lone,) = client.search_runs([client.get_experiment_by_name("dino-ray").experiment_id])
     assert lone.data.tags["dino_ray.pretraining_run"] == run.info.run_id and "mlflow.parentRunId" not in lone.data.tags

@@ -100,13 +100,15 @@ def test_two_workers_train_and_resume_from_an_mlflow_run(local_ray, tiny_cfg, ci
 
     # --resume-from an MLflow run id: a new Ray run (other name and storage, 1 worker, the DataLoader) continues
     # the 2-worker run's checkpoint and its MLflow run, in the same store
+    assert run.data.tags["torch_threads"] == "1"  # Ray's default for a worker of one CPU or less
     more = tiny_cfg(epochs=3, batch_size_per_gpu=16, output_dir=str(tmp_path / "more"),
-                    tracking={"tracking_uri": uri_two})
+                    tracking={"tracking_uri": uri_two}, scaling={"threads_per_worker": 2})
     result = pretrain_on_ray(more, resume_from=run.info.run_id)
     assert result.error is None and result.checkpoint is not None, result.error
     with result.checkpoint.as_directory() as folder:
         assert [json.loads(line)["epoch"] for line in open(f"{folder}/log.txt")] == [2]  # 0 and 1 came from MLflow
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [0, 1, 2]
+    assert client.get_run(run.info.run_id).data.tags["torch_threads"] == "2"  # scaling.threads_per_worker
     with pytest.raises(FileNotFoundError, match="neither a checkpoint file nor an MLflow run"):
         pretrain_on_ray(more, resume_from="0123456789abcdef" * 2)  # an MLflow run id this store lacks
 

@@ -8,7 +8,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from dino_ray.cli import main
-from dino_ray.tracking import QUEUE_FILE, RUN_KEY_TAG, RunTracker, sync_tracking
+from dino_ray.config import build_config
+from dino_ray.tracking import (QUEUE_FILE, RUN_KEY_TAG, RunTracker, embedded_store, resolve_tracking_uri,
+                               sync_tracking, tracking_uri)
 
 
 @pytest.fixture(autouse=True)
@@ -153,3 +155,14 @@ def test_a_restart_before_any_checkpoint_finds_its_run_by_the_training_runs_key(
     assert restarted.finish() and restarted.run_id == first.run_id
     client, run = the_run(store)  # one run, each epoch once
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [0, 1]
+
+
+def test_every_command_finds_its_store_in_one_order(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = build_config({"output_dir": str(tmp_path / "run")})
+    assert tracking_uri(cfg) == embedded_store(tmp_path / "run") == f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}"
+    assert resolve_tracking_uri(None, None) is None  # an evaluation's weights lookup: no store is no store
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking_uri(cfg) == resolve_tracking_uri(None, "sqlite:///x.db") == "http://127.0.0.1:5000"
+    assert resolve_tracking_uri("sqlite:///given.db", "sqlite:///x.db") == "sqlite:///given.db"
+    assert tracking_uri(build_config({"tracking": {"tracking_uri": "sqlite:///given.db"}})) == "sqlite:///given.db"

@@ -204,3 +204,25 @@ def test_channels_last_is_a_layout_not_a_different_run(tiny_cfg, tmp_path):
     checkpoint = torch.load(tmp_path / "True" / "checkpoint.pth", weights_only=True)
     assert not checkpoint["teacher"]["backbone.conv1.weight"].is_contiguous()  # stored as it trained
     assert checkpoint["teacher"]["backbone.conv1.weight"].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_each_rank_and_epoch_draws_its_own_randomness_whatever_the_input(tiny_cfg, tmp_path, monkeypatch):
+    """With another input than the DataLoader (Ray Data's shards: ``epoch_batches``), the loop still seeds
+    every epoch from (seed, rank, epoch): two ranks fed the same batches draw different drop-path masks, and a
+    rank's run is repeatable."""
+    torch.manual_seed(0)
+    views = [torch.randn(8, 3, 16, 16) for _ in range(2)] + [torch.randn(8, 3, 8, 8) for _ in range(2)]
+
+    def same_batches(epoch):
+        return [(views, torch.zeros(8), 0)] * 2
+
+    losses = {}
+    for name, rank in (("rank0", 0), ("rank0 again", 0), ("rank1", 1)):
+        cfg = tiny_cfg(epochs=2, depth=2, drop_path_rate=0.5, local_crops_number=2, output_dir=str(tmp_path / name))
+        monkeypatch.setattr(loop, "rank_and_world", lambda rank=rank: (rank, 1))
+        epochs = []
+        train_dino(cfg, show_progress=False, epoch_batches=same_batches,
+                   on_epoch_end=lambda epoch, stats, path: epochs.append(stats["loss"]))
+        losses[name] = epochs
+    assert losses["rank0"] == losses["rank0 again"]
+    assert losses["rank0"][0] != losses["rank1"][0]

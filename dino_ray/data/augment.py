@@ -35,6 +35,20 @@ def normalize() -> transforms.Compose:
     return transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
+def normalize_tensor(pixels: torch.Tensor) -> torch.Tensor:
+    """ImageNet normalisation of ``[..., 3, H, W]`` pixels in [0, 1] (``normalize`` is for PIL images)."""
+    return (pixels - _channels(IMAGENET_MEAN, pixels)) / _channels(IMAGENET_STD, pixels)
+
+
+def denormalize(image: torch.Tensor) -> torch.Tensor:
+    """The [0, 1] pixels of a normalised ``[..., 3, H, W]`` image, for figures."""
+    return (image * _channels(IMAGENET_STD, image) + _channels(IMAGENET_MEAN, image)).clamp(0, 1)
+
+
+def _channels(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=like.dtype).view(3, 1, 1)
+
+
 class DataAugmentationDINO:
     def __init__(self, global_crops_scale: Sequence[float], local_crops_scale: Sequence[float],
                  local_crops_number: int, global_crops_size: int = 224, local_crops_size: int = 96,

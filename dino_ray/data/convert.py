@@ -100,22 +100,14 @@ def verify_shard(path: str, expected_rows: int) -> Optional[str]:
     return None
 
 
-def _run(tasks: list[tuple[Callable, tuple]], use_ray: bool, description: str) -> list[Any]:
-    """Run ``fn(*args)`` for each task, in Ray tasks (one CPU each) or here, with a progress bar."""
+def _run(fn: Callable, calls: list[tuple], use_ray: bool, description: str) -> list[Any]:
+    """``fn(*args)`` for each call, in Ray tasks (one CPU each) or here, with a progress bar."""
     if not use_ray:
-        return [fn(*args) for fn, args in tqdm(tasks, desc=description, unit="shard")]
-    import ray
+        return [fn(*args) for args in tqdm(calls, desc=description, unit="shard")]
+    from dino_ray.ray_session import map_tasks, ray_session
 
-    if not ray.is_initialized():
-        ray.init()
-    pending = {ray.remote(num_cpus=1)(fn).remote(*args): i for i, (fn, args) in enumerate(tasks)}
-    results: list[Any] = [None] * len(tasks)
-    with tqdm(total=len(tasks), desc=description, unit="shard") as bar:
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            results[pending.pop(done[0])] = ray.get(done[0])
-            bar.update(1)
-    return results
+    with ray_session():
+        return map_tasks(fn, calls, description, unit="shard")
 
 
 def convert_images(source: str | Path, target: str | Path, rows_per_shard: int = 1000,
@@ -142,15 +134,15 @@ def convert_images(source: str | Path, target: str | Path, rows_per_shard: int =
     todo = [i for i in range(len(shards)) if not (target / shard_name(i)).exists()]
     log.info("converting %d files of %d classes from %s into %d shards in %s (%d already done)", len(files),
              len(classes), root, len(shards), target, len(shards) - len(todo))
-    _run([(convert_shard, (str(root), shards[i], labels, str(target / shard_name(i)))) for i in todo],
-         use_ray, "convert")
+    _run(convert_shard, [(str(root), shards[i], labels, str(target / shard_name(i))) for i in todo], use_ray,
+         "convert")
     skipped = [shard_skipped(target / shard_name(i)) for i in range(len(shards))]
     with open(target / SKIPPED_FILE, "w", newline="") as report:
         writer = csv.writer(report)
         writer.writerow(["path", "reason"])
         writer.writerows(row for rows in skipped for row in rows)
     expected = [len(shard) - len(left_out) for shard, left_out in zip(shards, skipped)]
-    problems = [p for p in _run([(verify_shard, (str(target / shard_name(i)), n)) for i, n in enumerate(expected)],
+    problems = [p for p in _run(verify_shard, [(str(target / shard_name(i)), n) for i, n in enumerate(expected)],
                                 use_ray, "verify") if p]
     if problems:
         raise RuntimeError(f"conversion into '{target}' failed verification: {'; '.join(problems)}")

@@ -45,12 +45,13 @@ def image_files(folder: str | Path) -> list[Path]:
     return files
 
 
-def decode_rgb(data: bytes, name: str) -> Optional[Image.Image]:
-    """An encoded image's bytes as an RGB picture, or None (the image named in the log) when it does not decode."""
+def decode_rgb(data: bytes, name: str | Callable[[], str]) -> Optional[Image.Image]:
+    """An encoded image's bytes as an RGB picture, or None (the image named in the log) when it does not decode;
+    ``name`` may be a function, called only then."""
     try:
         return Image.open(io.BytesIO(data)).convert("RGB")
     except Exception as exc:  # noqa: BLE001 - any decoder error means a bad image
-        log.warning("skipping undecodable image %s: %s", name, exc)
+        log.warning("skipping undecodable image %s: %s", name() if callable(name) else name, exc)
         return None
 
 
@@ -100,10 +101,12 @@ class ParquetImageDataset(Dataset):
         self.source = str(path)
         self.cache_bytes = int(cache_mb * 2**20)
         self._cache: OrderedDict[int, Optional[pa.Table]] = OrderedDict()
+        self._cached_bytes = 0
         self._open: OrderedDict[Path, pq.ParquetFile] = OrderedDict()  # footers parsed once (large for big files)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_cache": OrderedDict(), "_open": OrderedDict()}  # each DataLoader worker its own
+        return {**self.__dict__, "_cache": OrderedDict(), "_cached_bytes": 0,
+                "_open": OrderedDict()}  # each DataLoader worker its own
 
     def _parquet(self, file: Path) -> pq.ParquetFile:
         if file not in self._open:
@@ -140,8 +143,10 @@ class ParquetImageDataset(Dataset):
                         self.starts[group + 1] - 1, exc)
             table = None
         self._cache[group] = table
-        while len(self._cache) > 1 and sum(t.nbytes for t in self._cache.values() if t is not None) > self.cache_bytes:
-            self._cache.popitem(last=False)
+        self._cached_bytes += table.nbytes if table is not None else 0
+        while len(self._cache) > 1 and self._cached_bytes > self.cache_bytes:
+            _, dropped = self._cache.popitem(last=False)
+            self._cached_bytes -= dropped.nbytes if dropped is not None else 0
         return table
 
     def __getitem__(self, index: int) -> Optional[tuple[Any, int]]:
@@ -152,10 +157,14 @@ class ParquetImageDataset(Dataset):
         if table is None:  # already named in the log when the row group failed
             return None
         row = index - int(self.starts[group])
-        file, in_file = self.groups[group]
-        name = table.column("path")[row].as_py() if "path" in table.column_names else \
-            f"{file} row group {in_file} row {row}"
-        image = decode_rgb(table.column(self.columns[0])[row].as_py(), f"row {index} ({name}) of {self.source}")
+
+        def name() -> str:  # only for an image that does not decode
+            file, in_file = self.groups[group]
+            cell = table.column("path")[row].as_py() if "path" in table.column_names else \
+                f"{file} row group {in_file} row {row}"
+            return f"row {index} ({cell}) of {self.source}"
+
+        image = decode_rgb(table.column(self.columns[0])[row].as_py(), name)
         if image is None:
             return None
         return (self.transform(image) if self.transform else image), int(self.targets[index])

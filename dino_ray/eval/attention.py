@@ -21,7 +21,7 @@ from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 from torchvision import transforms  # noqa: E402
 
-from dino_ray.data.augment import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from dino_ray.data.augment import denormalize, normalize  # noqa: E402
 from dino_ray.models.backbones import get_last_selfattention  # noqa: E402
 
 
@@ -37,7 +37,7 @@ def load_image(path: str | Path, image_size: int | tuple[int, int], patch_size: 
 def model_input(img: Image.Image, image_size: Optional[int | tuple[int, int]], patch_size: int) -> torch.Tensor:
     """A picture resized to ``image_size`` (None: as it is), normalised, cropped to whole patches: [3, H, W]."""
     steps = [transforms.Resize(image_size)] if image_size else []
-    tensor = transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])(img)
+    tensor = transforms.Compose([*steps, normalize()])(img)
     h, w = tensor.shape[1] - tensor.shape[1] % patch_size, tensor.shape[2] - tensor.shape[2] % patch_size
     return tensor[:, :h, :w]
 
@@ -72,9 +72,9 @@ def attention_maps(model: nn.Module, image: torch.Tensor, patch_size: int,
     return maps[0], None if masks is None else masks[0]
 
 
-def denormalize(image: torch.Tensor) -> np.ndarray:
-    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
-    return (image * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+def to_rgb(image: torch.Tensor) -> np.ndarray:
+    """A normalised ``[3, H, W]`` image as the ``[H, W, 3]`` array in [0, 1] that matplotlib draws."""
+    return denormalize(image).permute(1, 2, 0).numpy()
 
 
 def save_attention(model: nn.Module, image_path: str | Path, output_dir: str | Path, patch_size: int,
@@ -85,7 +85,7 @@ def save_attention(model: nn.Module, image_path: str | Path, output_dir: str | P
     out.mkdir(parents=True, exist_ok=True)
     image = load_image(image_path, image_size, patch_size)
     maps, masks = attention_maps(model, image, patch_size, threshold)
-    rgb = denormalize(image)
+    rgb = to_rgb(image)
     files = [out / "img.png"]
     plt.imsave(files[0], rgb)
     for j, head in enumerate(maps.numpy()):

@@ -21,7 +21,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from dino_ray.eval.attention import batch_attention_maps, denormalize, mass_mask, model_input
+from dino_ray.eval.attention import batch_attention_maps, mass_mask, model_input, to_rgb
 from dino_ray.eval.video import read_frames, video_info, write_video
 
 HEADS = ("mean", "all")
@@ -59,7 +59,7 @@ def render_batch(model: nn.Module, images: torch.Tensor, patch_size: int, thresh
             masks = mass_mask(maps.flatten(-2), threshold).reshape(maps.shape)
     rendered = []
     for b in range(len(images)):
-        rgb = denormalize(images[b])
+        rgb = to_rgb(images[b])
         views = [overlay(rgb, maps[b, j].numpy(), None if masks is None else masks[b, j].numpy())
                  for j in range(maps.shape[1])]
         rendered.append(views[0] if heads == "mean" else tile(views))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -27,40 +27,13 @@ from tqdm.auto import tqdm
 from dino_ray.data.augment import normalize
 from dino_ray.data.datasets import build_dataset, collate_skipping_bad
 from dino_ray.eval.features import backbone_from_weights
+from dino_ray.eval.linear_args import LinearArgs
 from dino_ray.models.backbones import get_intermediate_layers
 from dino_ray.models.hub import extract_state_dict, safe_load
 from dino_ray.train.checkpoint import save_checkpoint
 from dino_ray.train.loop import rank_and_world, seed_everything
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class LinearArgs:
-    """The reference's eval_linear.py flags (same names and defaults), plus image sizes for small images."""
-    pretrained_weights: str = ""
-    checkpoint_key: str = "teacher"
-    arch: Optional[str] = None
-    patch_size: Optional[int] = None
-    vit_shape: dict = field(default_factory=dict)  # embed_dim / depth / num_heads for non-standard ViTs
-    n_last_blocks: int = 4
-    avgpool_patchtokens: bool = False
-    epochs: int = 100
-    lr: float = 0.001
-    batch_size_per_gpu: int = 128
-    num_workers: int = 10
-    val_freq: int = 1
-    num_labels: int = 1000
-    train_data_path: str = ""
-    val_data_path: str = ""
-    max_train_images: Optional[int] = None
-    max_val_images: Optional[int] = None
-    crop_size: int = 224  # RandomResizedCrop / CenterCrop size
-    resize_size: int = 256  # validation resize before the centre crop
-    output_dir: str = "."
-    evaluate: bool = False
-    head_weights: Optional[str] = None  # with evaluate: a saved head (ours or a released *_linearweights.pth)
-    seed: int = 0
 
 
 class LinearClassifier(nn.Module):

@@ -21,7 +21,7 @@ from dino_ray.eval.knn import evaluate_knn
 from dino_ray.logs import log_to_stderr
 from dino_ray.models.hub import load_pretrained_weights
 from dino_ray.train.checkpoint import RUN_ID_FILE
-from dino_ray.train.loop import build_student_teacher
+from dino_ray.train.loop import build_config_backbone
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +47,11 @@ def knn_monitor(checkpoint: Any, config: dict[str, Any], epoch: int) -> dict[str
 
     log_to_stderr()
     cfg = build_config(config)
-    _, teacher = build_student_teacher(cfg)
     with checkpoint.as_directory() as folder:
-        load_pretrained_weights(teacher.backbone, Path(folder) / "checkpoint.pth", "teacher")
+        backbone = load_pretrained_weights(build_config_backbone(cfg), Path(folder) / "checkpoint.pth", "teacher")
         run_file = Path(folder) / RUN_ID_FILE
         run_id = run_file.read_text().strip() if run_file.exists() else None
-    backbone = teacher.backbone.eval()
+    backbone.eval()
     transform = eval_transform(cfg.global_crops_size, cfg.global_crops_size)
     train = build_dataset(cfg.eval.knn_train_data or cfg.data_path, transform, cfg.eval.knn_train_images)
     val = build_dataset(cfg.eval.knn_val_data, transform, cfg.eval.knn_val_images)

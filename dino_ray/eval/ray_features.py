@@ -14,11 +14,12 @@ import numpy as np
 import ray
 import torch
 from torch.utils.data import Subset
-from tqdm.auto import tqdm
 
 from dino_ray.data.augment import eval_transform
 from dino_ray.data.datasets import build_dataset
 from dino_ray.eval.features import backbone_from_weights, extract_features, load_features, save_features
+from dino_ray.ray_session import map_tasks
+from dino_ray.ray_train import cluster_has_gpus
 
 log = logging.getLogger(__name__)
 
@@ -50,17 +51,11 @@ def extract_features_on_ray(weights: dict[str, Any], data_path: str, split: str,
     data_path = str(Path(data_path).resolve()) if Path(data_path).exists() else data_path
     weights = {**weights, "pretrained_weights": str(Path(weights["pretrained_weights"]).resolve())}
     if use_gpu is None:
-        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        use_gpu = cluster_has_gpus()
     slots = ray.cluster_resources().get("GPU" if use_gpu else "CPU", 1)
     num_shards = num_shards or max(1, int(slots))
-    task = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=1)(extract_shard)
-    pending = [task.remote(weights, str(data_path), image_size, resize_size, max_images, shard, num_shards,
-                           batch_size, str(out_dir), split) for shard in range(num_shards)]
-    rows = 0
-    with tqdm(total=num_shards, desc=f"{split} features ({num_shards} Ray tasks)") as bar:
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            rows += ray.get(done[0])
-            bar.update(1)
+    rows = sum(map_tasks(extract_shard, [(weights, str(data_path), image_size, resize_size, max_images, shard,
+                                          num_shards, batch_size, str(out_dir), split) for shard in range(num_shards)],
+                         f"{split} features ({num_shards} Ray tasks)", unit="shard", num_gpus=1 if use_gpu else 0))
     log.info("%s features: %d images in %d shards, saved under %s", split, rows, num_shards, Path(out_dir) / split)
     return load_features(out_dir, split)

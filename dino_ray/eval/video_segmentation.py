@@ -29,7 +29,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from dino_ray.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from dino_ray.data.augment import normalize_tensor
 from dino_ray.models.backbones import get_intermediate_layers
 
 RESOLUTION = "480p"
@@ -98,8 +98,7 @@ def read_frame(path: str | Path, size: int) -> tuple[torch.Tensor, tuple[int, in
     height, width = pixels.shape[1:]
     resized = F.interpolate(pixels[None], size=scaled_size(height, width, size), mode="bilinear",
                             align_corners=False)[0]
-    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
-    return (resized - mean) / std, (height, width)
+    return normalize_tensor(resized), (height, width)
 
 
 def small_one_hot(labels: np.ndarray, grid: tuple[int, int], num_labels: int) -> torch.Tensor:

@@ -49,7 +49,8 @@ def safe_load(path: str | Path) -> Any:
                          f"objects outside the allow-list ({type(exc).__name__}: {exc})") from exc
 
 
-def _strip_prefix(state_dict: dict[str, Any], prefix: str) -> dict[str, Any]:
+def strip_prefix(state_dict: dict[str, Any], prefix: str = "module.") -> dict[str, Any]:
+    """Keys without ``prefix`` when every key has it (DistributedDataParallel's ``module.``); else unchanged."""
     if not all(k.startswith(prefix) for k in state_dict):
         return state_dict
     return {k[len(prefix):]: v for k, v in state_dict.items()}
@@ -63,7 +64,7 @@ def extract_state_dict(checkpoint: Any, checkpoint_key: Optional[str] = "teacher
         checkpoint = checkpoint[checkpoint_key]
     elif any(k in checkpoint for k in ("student", "teacher")):
         raise ValueError(f"checkpoint_key '{checkpoint_key}' not in checkpoint (keys: {sorted(checkpoint)})")
-    return _strip_prefix(dict(checkpoint), "module.")
+    return strip_prefix(dict(checkpoint))
 
 
 def load_pretrained_weights(model: nn.Module, path_or_url: str | Path, checkpoint_key: Optional[str] = "teacher",

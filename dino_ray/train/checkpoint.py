@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import torch
 
-from dino_ray.models.hub import safe_load
+from dino_ray.models.hub import safe_load, strip_prefix
 
 RUN_ID_FILE = "mlflow_run_id.txt"  # beside checkpoint.pth in a Ray-reported checkpoint: the MLflow run it belongs to
 QUEUE_FILE = "mlflow_queue.json"  # tracking calls an unreachable MLflow server has not taken yet (dino_ray.tracking)
@@ -53,18 +53,31 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
-def strip_module_prefix(state_dict: dict[str, Any]) -> dict[str, Any]:
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+def kept_epoch(epoch: int, saveckp_freq: int) -> bool:
+    """Whether epoch ``epoch`` (from 0) leaves a ``checkpointNNNN.pth`` beside the latest (the reference's rule)."""
+    return bool(saveckp_freq) and epoch % saveckp_freq == 0
+
+
+def training_state(student: torch.nn.Module, teacher: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   dino_loss: torch.nn.Module, scaler: Optional[Any], epoch: int, args: dict[str, Any]
+                   ) -> dict[str, Any]:
+    """The checkpoint dictionary in the reference's layout (the student under DDP's ``module.`` prefix);
+    ``fp16_scaler`` only when loss scaling is on. ``restore_training_state`` reads it back."""
+    state = {"student": {f"module.{k}": v for k, v in student.state_dict().items()}, "teacher": teacher.state_dict(),
+             "optimizer": optimizer.state_dict(), "epoch": epoch, "args": args, "dino_loss": dino_loss.state_dict()}
+    if scaler is not None and scaler.is_enabled():
+        state["fp16_scaler"] = scaler.state_dict()
+    return state
 
 
 def restore_training_state(checkpoint: dict[str, Any], student: torch.nn.Module, teacher: torch.nn.Module,
                            optimizer: torch.optim.Optimizer, dino_loss: torch.nn.Module,
                            fp16_scaler: Optional[Any] = None) -> int:
     """Load everything a checkpoint holds into the live objects; returns the epoch to start from."""
-    student.load_state_dict(strip_module_prefix(checkpoint["student"]))
-    teacher.load_state_dict(strip_module_prefix(checkpoint["teacher"]))
+    student.load_state_dict(strip_prefix(checkpoint["student"]))
+    teacher.load_state_dict(strip_prefix(checkpoint["teacher"]))
     optimizer.load_state_dict(checkpoint["optimizer"])
     dino_loss.load_state_dict(checkpoint["dino_loss"])
-    if fp16_scaler is not None and checkpoint.get("fp16_scaler") is not None:
+    if fp16_scaler is not None and fp16_scaler.is_enabled() and checkpoint.get("fp16_scaler") is not None:
         fp16_scaler.load_state_dict(checkpoint["fp16_scaler"])
     return int(checkpoint["epoch"])

@@ -8,7 +8,6 @@ appends one JSON line to ``log.txt``.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -36,7 +35,8 @@ from dino_ray.models.head import DINOHead
 from dino_ray.models.multicrop import MultiCropWrapper
 from dino_ray.optim import (LARS, cancel_gradients_last_layer, clip_gradients, cosine_scheduler, get_params_groups,
                             update_teacher)
-from dino_ray.train.checkpoint import load_checkpoint, restore_training_state, save_checkpoint
+from dino_ray.train.checkpoint import (kept_epoch, load_checkpoint, restore_training_state, save_checkpoint,
+                                      training_state)
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,11 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+def derived_seed(seed: int, rank: int, epoch: int) -> int:
+    """One seed per (seed, rank, epoch): ranks differ, and an epoch's draws do not depend on the ones before."""
+    return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
+
+
 def seed_everything(seed: int, rank: int, epoch: int) -> int:
     """Seed torch, numpy and Python from (seed, rank, epoch); returns the derived seed.
 
@@ -73,21 +78,26 @@ def seed_everything(seed: int, rank: int, epoch: int) -> int:
     from a checkpoint draws the same crops and drop-path masks on every rank as one never stopped;
     and ranks differ (the reference gives every rank the same seed, hence the same augmentations).
     """
-    derived = int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
+    derived = derived_seed(seed, rank, epoch)
     torch.manual_seed(derived)
     np.random.seed(derived)
     random.seed(derived)
     return derived
 
 
+def build_config_backbone(cfg: DINOConfig, drop_path_rate: float = 0.0) -> nn.Module:
+    """The backbone ``cfg`` describes. Right after ``torch.manual_seed(cfg.seed)`` it holds the run's initial
+    weights (the student's backbone is the first thing a run draws): the random-init baseline of evaluations."""
+    if cfg.arch.startswith("vit"):
+        return build_backbone(cfg.arch, cfg.patch_size, drop_path_rate, cfg.fused_attn, stem=cfg.stem,
+                              img_size=cfg.global_crops_size, **cfg.vit_kwargs())
+    return build_backbone(cfg.arch, stem=cfg.stem, width=cfg.width)
+
+
 def build_student_teacher(cfg: DINOConfig) -> tuple[MultiCropWrapper, MultiCropWrapper]:
     """Student (drop path, configurable last layer) and teacher (no drop path, normed last layer), equal weights."""
     def make(drop_path_rate: float, norm_last_layer: bool) -> MultiCropWrapper:
-        if cfg.arch.startswith("vit"):
-            backbone = build_backbone(cfg.arch, cfg.patch_size, drop_path_rate, cfg.fused_attn, stem=cfg.stem,
-                                      img_size=cfg.global_crops_size, **cfg.vit_kwargs())
-        else:
-            backbone = build_backbone(cfg.arch, stem=cfg.stem, width=cfg.width)
+        backbone = build_config_backbone(cfg, drop_path_rate)
         head = DINOHead(backbone.embed_dim, cfg.out_dim, use_bn=cfg.use_bn_in_head, norm_last_layer=norm_last_layer,
                         nlayers=cfg.head_nlayers, hidden_dim=cfg.head_hidden_dim,
                         bottleneck_dim=cfg.head_bottleneck_dim)
@@ -172,7 +182,7 @@ def build_loader(cfg: DINOConfig, rank: int, world_size: int, epoch: int, datase
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed,
                                      drop_last=True)
         sampler.set_epoch(epoch)
-    generator = torch.Generator().manual_seed(seed_everything(cfg.seed, rank, epoch))
+    generator = torch.Generator().manual_seed(derived_seed(cfg.seed, rank, epoch))
     loader = DataLoader(dataset, sampler=sampler, batch_size=cfg.batch_size_per_gpu, num_workers=cfg.num_workers,
                         pin_memory=torch.cuda.is_available(), drop_last=True, collate_fn=collate_fn,
                         generator=generator)
@@ -182,21 +192,19 @@ def build_loader(cfg: DINOConfig, rank: int, world_size: int, epoch: int, datase
     return loader
 
 
-def precision_context(cfg: DINOConfig, device: torch.device) -> tuple[Callable[[], Any], Optional[Any]]:
-    """fp16 autocast + GradScaler on CUDA (as the reference), bf16 autocast as an option, off on CPU."""
-    if device.type != "cuda":
-        return contextlib.nullcontext, None
-    if cfg.use_bf16:
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16), None
-    if cfg.use_fp16:
-        return lambda: torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
-    return contextlib.nullcontext, None
+def precision(cfg: DINOConfig, device: torch.device) -> tuple[Callable[[], Any], torch.amp.GradScaler]:
+    """The autocast context and the gradient scaler of every step, enabled or not: fp16 with loss scaling on CUDA
+    (as the reference), bf16 as an option, fp32 on CPU (a disabled scaler passes the loss and the step through)."""
+    half = device.type == "cuda" and (cfg.use_bf16 or cfg.use_fp16)
+    dtype = torch.bfloat16 if cfg.use_bf16 else torch.float16
+    scaler = torch.amp.GradScaler(device.type, enabled=half and not cfg.use_bf16)
+    return partial(torch.autocast, device.type, dtype=dtype, enabled=half), scaler
 
 
 def train_one_epoch(student: nn.Module, teacher: nn.Module, student_ddp: nn.Module, dino_loss: DINOLoss,
                     loader: EpochBatches, optimizer: torch.optim.Optimizer, schedules: Schedules, epoch: int,
                     cfg: DINOConfig, device: torch.device, autocast: Callable[[], Any],
-                    fp16_scaler: Optional[Any], show_progress: bool,
+                    scaler: torch.amp.GradScaler, show_progress: bool,
                     on_step: Optional[StepCallback] = None) -> dict[str, float]:
     """One pass over the data; ``student`` is the bare model (for EMA and clipping), ``student_ddp`` the wrapped one.
 
@@ -233,20 +241,13 @@ def train_one_epoch(student: nn.Module, teacher: nn.Module, student_ddp: nn.Modu
                                      f"checkpoint is left intact")
 
         optimizer.zero_grad()
-        if fp16_scaler is None:
-            loss.backward()
-            if cfg.clip_grad:
-                clip_gradients(student, cfg.clip_grad)
-            cancel_gradients_last_layer(it / len(loader), student, cfg.freeze_last_layer)
-            optimizer.step()
-        else:
-            fp16_scaler.scale(loss).backward()
-            if cfg.clip_grad:
-                fp16_scaler.unscale_(optimizer)  # clip the true gradients
-                clip_gradients(student, cfg.clip_grad)
-            cancel_gradients_last_layer(it / len(loader), student, cfg.freeze_last_layer)
-            fp16_scaler.step(optimizer)
-            fp16_scaler.update()
+        scaler.scale(loss).backward()
+        if cfg.clip_grad:
+            scaler.unscale_(optimizer)  # clip the true gradients
+            clip_gradients(student, cfg.clip_grad)
+        cancel_gradients_last_layer(it / len(loader), student, cfg.freeze_last_layer)
+        scaler.step(optimizer)
+        scaler.update()
 
         update_teacher(student, teacher, float(schedules.momentum[it]))
 
@@ -319,7 +320,7 @@ def train_dino(cfg: DINOConfig, resume_from: Optional[str | Path] = None,
             return build_loader(cfg, rank, world_size, epoch, dataset, collate)
     niter_per_ep = len(epoch_batches(0))
 
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank; epochs re-seed per rank in build_loader
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank; each epoch re-seeds per rank below
     student, teacher = build_student_teacher(cfg)
     place(cfg, student, device)
     place(cfg, teacher, device)
@@ -334,14 +335,14 @@ def train_dino(cfg: DINOConfig, resume_from: Optional[str | Path] = None,
     dino_loss = DINOLoss(cfg.out_dim, cfg.local_crops_number + 2, cfg.warmup_teacher_temp, cfg.teacher_temp,
                          cfg.warmup_teacher_temp_epochs, cfg.epochs, centering=cfg.centering).to(device)
     optimizer = build_optimizer(cfg, student)
-    autocast, fp16_scaler = precision_context(cfg, device)
+    autocast, scaler = precision(cfg, device)
     schedules = build_schedules(cfg, niter_per_ep, world_size)
 
     start_epoch = 0
     checkpoint_path = Path(resume_from) if resume_from else output_dir / "checkpoint.pth"
     if checkpoint_path.exists():
         start_epoch = restore_training_state(load_checkpoint(checkpoint_path), student, teacher, optimizer,
-                                             dino_loss, fp16_scaler)
+                                             dino_loss, scaler)
         if rank == 0:
             log.info("resumed from %s at epoch %d", checkpoint_path, start_epoch)
     elif resume_from:
@@ -349,24 +350,16 @@ def train_dino(cfg: DINOConfig, resume_from: Optional[str | Path] = None,
 
     stats: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.epochs):
+        seed_everything(cfg.seed, rank, epoch)  # whatever the input: drop-path masks and augmentations per rank
         loader = epoch_batches(epoch)
         stats = train_one_epoch(student, teacher_fwd, student_fwd, dino_loss, loader, optimizer, schedules, epoch, cfg,
-                                device, autocast, fp16_scaler, show_progress and rank == 0,
+                                device, autocast, scaler, show_progress and rank == 0,
                                 on_step if rank == 0 else None)
         latest = output_dir / "checkpoint.pth"
         if rank == 0:
-            state = {
-                "student": {f"module.{k}": v for k, v in student.state_dict().items()},
-                "teacher": teacher.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch + 1,
-                "args": cfg.to_dict(),
-                "dino_loss": dino_loss.state_dict(),
-            }
-            if fp16_scaler is not None:
-                state["fp16_scaler"] = fp16_scaler.state_dict()
+            state = training_state(student, teacher, optimizer, dino_loss, scaler, epoch + 1, cfg.to_dict())
             save_checkpoint(state, latest)
-            if cfg.saveckp_freq and epoch % cfg.saveckp_freq == 0:
+            if kept_epoch(epoch, cfg.saveckp_freq):
                 save_checkpoint(state, output_dir / f"checkpoint{epoch:04}.pth")
             line = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch}
             with open(output_dir / "log.txt", "a") as f:

@@ -1,4 +1,4 @@
-"""Pretraining on Ray Train: the core loop on every ``TorchTrainer`` worker; the one place that imports ray.train.
+"""Pretraining on Ray Train: the core loop on every ``TorchTrainer`` worker (``dino_ray.ray_train``'s wrapper).
 
 Each worker runs ``train_dino`` unchanged inside the process group Ray sets up (gloo on CPU, NCCL
 on GPU). The loop's checkpoint goes through ``ray.train.report`` every epoch, so Ray keeps the
@@ -12,7 +12,6 @@ has not taken yet (``mlflow_queue.json``), replayed by the resumed run, or kept 
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
@@ -21,24 +20,25 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 import pyarrow.fs as pafs
 import ray
 import ray.train
 import torch
-from ray.train import (Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, ValidationConfig,
-                       ValidationTaskConfig)
+from ray.train import Checkpoint, ValidationConfig, ValidationTaskConfig
 from ray.train.torch import TorchTrainer
 
 from dino_ray.config import DINOConfig, build_config
 from dino_ray.data.ray_data import multicrop_dataset, shard_epochs
 from dino_ray.eval.monitor import knn_monitor
-from dino_ray.logs import log_to_stderr
+from dino_ray.ray_session import ray_session
+from dino_ray.ray_train import finishing, reported_files, restore_files, run_in_scratch, torch_trainer
 from dino_ray.storage import is_uri, join
-from dino_ray.train.checkpoint import QUEUE_FILE, RUN_ID_FILE, load_checkpoint, strip_module_prefix
-from dino_ray.train.loop import build_student_teacher, train_dino
+from dino_ray.models.hub import load_pretrained_weights
+from dino_ray.train.checkpoint import QUEUE_FILE, RUN_ID_FILE, kept_epoch
+from dino_ray.train.loop import build_config_backbone, train_dino
 
 log = logging.getLogger(__name__)
 MLFLOW_RUN_ID = re.compile(r"[0-9a-f]{32}")
@@ -46,62 +46,17 @@ MLFLOW_RUN_ID = re.compile(r"[0-9a-f]{32}")
 RESTORED_FILES = ("checkpoint.pth", "log.txt", RUN_ID_FILE, QUEUE_FILE)
 
 
-def restore_files(local_dir: Path, names: tuple[str, ...]) -> bool:
-    """Copy ``names`` from the run's latest reported checkpoint (a restart or resume) into ``local_dir``."""
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return False
-    with checkpoint.as_directory() as folder:
-        for name in names:
-            if (Path(folder) / name).exists():
-                shutil.copy(Path(folder) / name, local_dir / name)
-    return True
-
-
-@contextlib.contextmanager
-def reported_files(local_dir: Path, names: tuple[str, ...]) -> Iterator[Checkpoint]:
-    """A Ray checkpoint of a snapshot of ``names`` from ``local_dir``, for one ``ray.train.report``."""
-    with tempfile.TemporaryDirectory(dir=local_dir) as folder:
-        for name in names:
-            if (local_dir / name).exists():
-                shutil.copy(local_dir / name, Path(folder) / name)
-        yield Checkpoint.from_directory(folder)
-
-
-@contextlib.contextmanager
-def worker_scratch(prefix: str) -> Iterator[Path]:
-    """A worker's scratch folder, removed at the end: everything worth keeping was reported to the storage."""
-    folder = Path(tempfile.mkdtemp(prefix=prefix))
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def finishing(tracker: Optional[Any], keep_dir: Optional[str] = None) -> Iterator[None]:
-    """Close the rank-0 MLflow run: FINISHED after the body, FAILED if it raises (and re-raise). Calls a
-    server that never came back did not take are copied to ``keep_dir`` before the scratch folder goes."""
-    try:
-        yield
-    except BaseException:
-        if tracker is not None and not tracker.finish("FAILED") and keep_dir:
-            tracker.keep_queue(keep_dir)
-        raise
-    if tracker is not None and not tracker.finish() and keep_dir:
-        tracker.keep_queue(keep_dir)
-
-
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    log_to_stderr()
-    with worker_scratch(f"dino_ray_rank{ray.train.get_context().get_world_rank()}_") as local_dir:
-        _train_in(local_dir, loop_config)
+    run_in_scratch("dino_ray_rank", lambda local_dir: _train_in(local_dir, loop_config))
 
 
 def _train_in(local_dir: Path, loop_config: dict[str, Any]) -> None:
     cfg = build_config(loop_config["config"])
     context = ray.train.get_context()
     rank = context.get_world_rank()
+    if cfg.scaling.threads_per_worker:
+        torch.set_num_threads(cfg.scaling.threads_per_worker)
+    log.info("rank %d: %d torch threads (scaling.threads_per_worker)", rank, torch.get_num_threads())
     if not restore_files(local_dir, RESTORED_FILES) and loop_config.get("resume_from") is not None:
         with loop_config["resume_from"].as_directory() as folder:  # from the run's storage, on any node
             for name in ("checkpoint.pth", RUN_ID_FILE):
@@ -112,15 +67,17 @@ def _train_in(local_dir: Path, loop_config: dict[str, Any]) -> None:
         from dino_ray.tracking import RUN_KEY_TAG, pretraining_tracker  # rank 0 alone talks to MLflow
 
         run_id_file = local_dir / RUN_ID_FILE
-        tracker = pretraining_tracker(cfg, run_id_file.read_text().strip() if run_id_file.exists() else None,
-                                      tags={"ray_job_id": loop_config.get("job_id") or "none",
-                                            "num_workers": str(context.get_world_size()),
-                                            RUN_KEY_TAG: loop_config["run_key"]}, spool_dir=local_dir)
+        resumed = run_id_file.read_text().strip() if run_id_file.exists() else None
+        layout = {"num_workers": str(context.get_world_size()), "torch_threads": str(torch.get_num_threads())}
+        tracker = pretraining_tracker(cfg, resumed, tags={"ray_job_id": loop_config.get("job_id") or "none", **layout,
+                                                          RUN_KEY_TAG: loop_config["run_key"]}, spool_dir=local_dir)
+        if resumed:  # a run continued on other workers says what it runs on now
+            tracker.set_tags(layout)
         if tracker.run_id:
             run_id_file.write_text(tracker.run_id)
 
     def report(epoch: int, stats: dict[str, Any], checkpoint_path: Path) -> None:
-        kept = bool(cfg.saveckp_freq) and epoch % cfg.saveckp_freq == 0
+        kept = kept_epoch(epoch, cfg.saveckp_freq)
         metrics = {**stats, "epoch": epoch, "kept_epoch": epoch if kept else -1}
         if rank != 0:
             ray.train.report(metrics)
@@ -160,9 +117,7 @@ def _train_in(local_dir: Path, loop_config: dict[str, Any]) -> None:
 def log_final_artifacts(tracker: Any, cfg: DINOConfig, folder: Path) -> None:
     """The config, the full checkpoint, the teacher backbone alone (the released files' layout) and, unless
     ``tracking.log_model`` is off, the backbone as an MLflow model."""
-    _, teacher = build_student_teacher(cfg)
-    teacher.load_state_dict(strip_module_prefix(load_checkpoint(folder / "checkpoint.pth")["teacher"]))
-    backbone = teacher.backbone.eval()
+    backbone = load_pretrained_weights(build_config_backbone(cfg), folder / "checkpoint.pth", "teacher").eval()
     torch.save(backbone.state_dict(), folder / "teacher_backbone.pth")
     tracker.log_artifact(folder / "config.yaml")
     tracker.log_artifact(folder / "checkpoint.pth", "checkpoints")
@@ -207,11 +162,7 @@ def build_trainer(cfg: DINOConfig, resume_from: Optional[Checkpoint] = None, job
                   callbacks: Optional[list] = None) -> TorchTrainer:
     """A TorchTrainer for ``cfg``: scaling, storage, failure and checkpoint-keeping from the config's sections;
     ``resume_from``: a checkpoint in the run's storage (``staged_resume``) for a run that has none of its own."""
-    use_gpu = cfg.scaling.use_gpu
-    if use_gpu is None:
-        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     storage_path, run_name = run_storage(cfg)
-    kept = math.ceil(cfg.epochs / cfg.saveckp_freq) if cfg.saveckp_freq else 1
     validation = None
     if cfg.eval.knn_every and not cfg.eval.knn_sync:  # the k-NN monitor, in Ray's own task per flagged checkpoint
         validation = ValidationConfig(knn_monitor, ValidationTaskConfig(fn_kwargs={"config": cfg.to_dict()}),
@@ -220,26 +171,17 @@ def build_trainer(cfg: DINOConfig, resume_from: Optional[Checkpoint] = None, job
     if cfg.data_loader == "ray_data":
         views, rows = multicrop_dataset(cfg)
         datasets = {"train": views}
-    return TorchTrainer(
+    return torch_trainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "resume_from": resume_from, "job_id": job_id, "rows": rows,
-                           "run_key": uuid.uuid4().hex,  # its MLflow run, even for a restart before any checkpoint
-                           "keep_dir": str(Path(cfg.output_dir).resolve() / "mlflow_queue")},
-        datasets=datasets,
-        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=cfg.scaling.resources_per_worker,
-                                     placement_strategy=cfg.scaling.placement_strategy),
-        validation_config=validation,
-        run_config=RunConfig(
-            name=run_name,
-            storage_path=storage_path,
-            failure_config=FailureConfig(max_failures=cfg.failure.max_failures),
-            # Ray always keeps the latest checkpoint; the score keeps every saveckp_freq-th as well.
-            checkpoint_config=CheckpointConfig(num_to_keep=kept, checkpoint_score_attribute="kept_epoch",
-                                               checkpoint_score_order="max"),
-            callbacks=callbacks,
-        ),
-    )
+        {"config": cfg.to_dict(), "resume_from": resume_from, "job_id": job_id, "rows": rows,
+         "run_key": uuid.uuid4().hex,  # its MLflow run, even for a restart before any checkpoint
+         "keep_dir": str(Path(cfg.output_dir).resolve() / "mlflow_queue")},
+        name=run_name, storage_path=storage_path, num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+        resources_per_worker=cfg.scaling.resources_per_worker, placement_strategy=cfg.scaling.placement_strategy,
+        max_failures=cfg.failure.max_failures,
+        # Ray always keeps the latest checkpoint; the score keeps every saveckp_freq-th as well.
+        num_to_keep=math.ceil(cfg.epochs / cfg.saveckp_freq) if cfg.saveckp_freq else 1,
+        score_attribute="kept_epoch", validation=validation, datasets=datasets, callbacks=callbacks)
 
 
 def absolute_data_paths(cfg: DINOConfig) -> DINOConfig:
@@ -272,10 +214,8 @@ def pretrain_on_ray(cfg: DINOConfig, resume_from: Optional[str] = None) -> ray.t
             mlflow_run_id = resume_from
             resume_from = checkpoint_from_mlflow(cfg, resume_from)
         staged = staged_resume(cfg, resume_from, mlflow_run_id)
-    if not ray.is_initialized():
-        ray.init()
-    job_id = ray.get_runtime_context().get_job_id()
-    result = build_trainer(cfg, staged, job_id).fit()
+    with ray_session():
+        result = build_trainer(cfg, staged, ray.get_runtime_context().get_job_id()).fit()
     if result.checkpoint is not None:
         log.info("pretraining done; latest checkpoint: %s", result.checkpoint.path)
     return result

@@ -1,0 +1,91 @@
+"""``dino-ray eval-knn``: weighted k-NN of frozen features (the reference's ``eval_knn.py``)."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from dino_ray.config import below
+from dino_ray.jobs.common import WeightsArgs, backbone_spec, eval_tracking_uri, resolve, track
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class KnnArgs(WeightsArgs):
+    """``eval_knn.py``'s flags (same names and defaults), plus Ray's sharding and image sizes for small images."""
+    data_path: Optional[str] = None  # a folder with train/ and val/
+    train_data_path: Optional[str] = None  # overrides data_path/train (ImageFolder or Parquet)
+    val_data_path: Optional[str] = None
+    nb_knn: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
+    temperature: float = 0.07
+    image_size: Optional[int] = None  # centre-crop size (default: the pretraining's)
+    resize_size: Optional[int] = None
+    max_train_images: Optional[int] = None
+    max_val_images: Optional[int] = None
+    batch_size_per_gpu: int = 128
+    num_workers: int = 10
+    use_ray: bool = True  # features in Ray tasks (one per CPU or GPU), else in this process
+    num_shards: Optional[int] = None
+    dump_features: Optional[str] = None
+    load_features: Optional[str] = None
+    output_dir: str = "outputs/knn"
+
+    def problems(self) -> list[str]:
+        problems = super().problems()
+        if not self.load_features and not (self.data_path or (self.train_data_path and self.val_data_path)):
+            problems.append("data_path (or train_data_path and val_data_path, or load_features) is required")
+        problems += below(self, ("nb_knn", "image_size", "resize_size", "max_train_images", "max_val_images",
+                                 "batch_size_per_gpu", "num_shards"), 1)
+        return problems + below(self, ("temperature", "num_workers"), 0)
+
+    def split(self, name: str) -> str:
+        """The ``train`` or ``val`` images: the split's own path, else ``data_path/<name>``."""
+        return getattr(self, f"{name}_data_path") or str(Path(self.data_path) / name)
+
+
+def knn_job(args: KnnArgs) -> dict[str, Any]:
+    """Weighted k-NN of frozen features (features from Ray tasks, or in this process); returns the record
+    written to ``output_dir/knn.json``."""
+    from dino_ray.data.augment import eval_transform
+    from dino_ray.data.datasets import build_dataset
+    from dino_ray.eval.features import backbone_from_weights
+    from dino_ray.eval.knn import evaluate_knn, knn_classifiers
+
+    out = Path(args.output_dir)
+    weights = resolve(args.pretrained_weights, args.tracking_uri, args.checkpoint, out)
+    spec = backbone_spec(args, weights)
+    backbone, shape = backbone_from_weights(**spec)
+    size = args.image_size or shape["image_size"]
+    if args.load_features or not args.use_ray:
+        transform = eval_transform(size, args.resize_size)
+        train_set = val_set = None
+        if not args.load_features:
+            train_set = build_dataset(args.split("train"), transform, args.max_train_images)
+            val_set = build_dataset(args.split("val"), transform, args.max_val_images)
+        results = evaluate_knn(backbone, train_set, val_set, args.nb_knn, args.temperature, args.batch_size_per_gpu,
+                               args.num_workers, args.dump_features, args.load_features)
+    else:
+        from dino_ray.eval.ray_features import extract_features_on_ray
+        from dino_ray.ray_session import ray_session
+
+        folder = Path(args.dump_features) if args.dump_features else out / "features"
+        with ray_session():
+            train, val = (extract_features_on_ray(spec, args.split(name), name, folder, size, args.resize_size, most,
+                                                  args.num_shards, args.batch_size_per_gpu)
+                          for name, most in (("train", args.max_train_images), ("val", args.max_val_images)))
+        results = knn_classifiers(*train, *val, args.nb_knn, args.temperature)
+    for k, (top1, top5) in results.items():
+        print(f"{k}-NN classifier result: Top1: {top1:.2f}, Top5: {top5:.2f}")
+    record = {"weights": args.pretrained_weights, "checkpoint_epoch": weights.epoch, "pretraining_run": weights.run_id,
+              **shape, "temperature": args.temperature,
+              "results": {str(k): {"top1": t1, "top5": t5} for k, (t1, t5) in results.items()}}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "knn.json").write_text(json.dumps(record, indent=2))
+    track("knn", record, {f"top{n}_k{k}": v[f"top{n}"] for k, v in record["results"].items() for n in (1, 5)},
+          {f"knn_top1_k{k}": v["top1"] for k, v in record["results"].items()}, weights,
+          eval_tracking_uri(args.tracking_uri, weights, out), [out / "knn.json"])
+    log.info("k-NN results written to %s", out / "knn.json")
+    return record

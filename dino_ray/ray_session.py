@@ -1,0 +1,63 @@
+"""Ray for every command, one way: join or start a session, and map a function over Ray tasks with a bar.
+
+Platform layer: the core and the evaluations never import this module. ``ray.init()`` itself joins
+the cluster that ``RAY_ADDRESS`` names (``ray job submit`` sets it for the job's driver) or starts a
+local instance; every command goes through ``ray_session`` so that the rules (the dashboard on, the
+log line, the token-auth hint, shutting down only what it started) are the same everywhere.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Any, Callable, Iterator, Sequence
+
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+AUTH_HINT = ("the Ray cluster asks for its authentication token (Ray's default token auth): export "
+             "RAY_AUTH_MODE=token on this machine, with the cluster's token in ~/.ray/auth_token, or start the "
+             "cluster with RAY_AUTH_MODE=disabled")
+
+
+@contextlib.contextmanager
+def ray_session(**init_kwargs: Any) -> Iterator[None]:
+    """The Ray session of one command: the one this process already holds (left as it is), else
+    ``RAY_ADDRESS``'s cluster, else a new local instance, shut down at the end. ``init_kwargs`` go to
+    ``ray.init`` (the dashboard stays on: Train V2 floods the log without it)."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    try:
+        context = ray.init(**init_kwargs)
+    except Exception as exc:  # noqa: BLE001 - re-raised, with what to do when it is the token
+        if "authentication" in str(exc).lower() or "auth_token" in str(exc).lower():
+            raise RuntimeError(f"{AUTH_HINT} ({exc})") from exc
+        raise
+    where = f"joined the cluster at {address}" if address else "started a local instance"
+    log.info("Ray: %s (%g CPUs, %g GPUs; dashboard %s)", where, ray.cluster_resources().get("CPU", 0),
+             ray.cluster_resources().get("GPU", 0), context.dashboard_url or "off")
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def map_tasks(fn: Callable[..., Any], calls: Sequence[tuple], description: str, unit: str = "task",
+              num_cpus: float = 1, num_gpus: float = 0) -> list[Any]:
+    """``[fn(*args) for args in calls]``, each call a Ray task, in the calls' order; a bar counts the finished
+    ones (in whatever order they finish). Needs a Ray session (``ray_session``)."""
+    import ray
+
+    remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(fn)
+    pending = {remote.remote(*args): i for i, args in enumerate(calls)}
+    results: list[Any] = [None] * len(calls)
+    with tqdm(total=len(calls), desc=description, unit=unit) as bar:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            results[pending.pop(done[0])] = ray.get(done[0])
+            bar.update(1)
+    return results
