@@ -13,10 +13,11 @@ log = logging.getLogger("dino_ray")
 
 def _pretrain(args: argparse.Namespace) -> None:
     from dino_ray.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # its errors before torch is imported
     from dino_ray.storage import fetch, is_uri
     from dino_ray.train.loop import train_dino
 
-    cfg = load_config(args.config, args.overrides)
     if args.dry_run:
         _dry_run(cfg, args)
         return

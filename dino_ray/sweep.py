@@ -256,7 +256,8 @@ def _close_stopped_children(tracker: RunTracker, parent: str) -> None:
 
 def format_table(spec: SweepSpec, rows: list[dict[str, Any]]) -> str:
     columns = ["trial", *spec.search_space, spec.metric, "epochs_run", "status"]
-    cells = [[f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in columns] for r in rows]
+    cells = [[(f"{r[c]:.2f}" if c == spec.metric else f"{r[c]:.6g}") if isinstance(r[c], float) else str(r[c])
+              for c in columns] for r in rows]  # a knob as given (0.996, not 1.00); the metric to 2 decimals
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]

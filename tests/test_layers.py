@@ -46,8 +46,9 @@ def test_no_upward_import(layer, modules, forbidden):
     assert reached(loaded, forbidden) == [], f"the {layer} imports what sits above it"
 
 
-def test_the_command_line_answers_help_before_the_heavy_imports():
-    loaded = imported_after("from dino_ray.cli import build_parser\nbuild_parser().format_help()")
+def test_the_command_line_answers_help_and_config_errors_before_the_heavy_imports():
+    loaded = imported_after("from dino_ray.cli import build_parser, main\nbuild_parser().format_help()\n"
+                            "assert main(['pretrain', 'teacher_tmp=0.1']) == 2")  # a typo'd key: exit 2 at once
     assert reached(loaded, ["torch", "ray", "mlflow", "torchvision", "timm"]) == []
 
 

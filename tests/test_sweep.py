@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow  # real Ray processes: make test, not make test-fa
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from dino_ray.config import ConfigError  # noqa: E402
-from dino_ray.sweep import load_sweep, param_space  # noqa: E402
+from dino_ray.sweep import format_table, load_sweep, param_space  # noqa: E402
 
 from .conftest import SAMPLE, TINY  # noqa: E402
 
@@ -51,6 +51,10 @@ def test_sweep_files_are_checked_before_any_trial(tmp_path):
     with pytest.raises(ConfigError, match="grid|choice"):
         load_sweep(write_sweep(tmp_path, search_space={"lr": [0.1, 0.2]}))
     assert load_sweep("experiments/sweeps/boosting_vit_small.yaml").base["scaling.num_workers"] == 16
+    cpu = load_sweep("experiments/sweeps/cifar10_cpu.yaml")  # the table shows a knob as given, not rounded
+    table = format_table(cpu, [{"trial": "t0", "momentum_teacher": 0.996, "seed": 1, "knn_top1_k20": 29.04,
+                                "epochs_run": 3, "status": "STOPPED"}])
+    assert table.splitlines()[1].split() == ["t0", "0.996", "1", "29.04", "3", "STOPPED"]
 
 
 def run_cli(*args):
