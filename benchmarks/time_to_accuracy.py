@@ -17,7 +17,8 @@ Each DINO recipe first runs 2 short epochs to measure its step time, then is giv
 the measured training time up to that checkpoint (start-up and evaluation excluded).
 
 Usage: ``python benchmarks/time_to_accuracy.py [--minutes 20] [--points 10] [--recipes shipped,reference,lightly]``
-Writes ``benchmarks/results/time_to_accuracy.json`` and ``.png``.
+Writes ``benchmarks/results/time_to_accuracy.json`` and ``.png``; ``--merge`` adds the recipes run to the curves
+already there (the same data and baselines).
 """
 from __future__ import annotations
 
@@ -178,6 +179,8 @@ def main() -> None:
     parser.add_argument("--reuse", default=None, help="an earlier run's folder: its finished curves are evaluated "
                         "again instead of retrained")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "time_to_accuracy.json"))
+    parser.add_argument("--merge", action="store_true", help="keep the curves already in --out that this run does "
+                        "not redo (one recipe at a time into one JSON)")
     parser.add_argument("--table", default=None, help="print the markdown table of a results JSON and stop")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for the DINO recipes (a search)")
     args = parser.parse_args()
@@ -199,6 +202,13 @@ def main() -> None:
                                "raw_pixels": knn_top1(bank, test, None),
                                "random_init": random_init_top1(RECIPES["shipped"][0], bank, test),
                                "overrides": args.overrides, "curves": {}}
+    order = args.recipes.split(",")
+    if args.merge and Path(args.out).exists():
+        earlier = json.loads(Path(args.out).read_text())
+        if (earlier["raw_pixels"], earlier["test_images"]) != (results["raw_pixels"], results["test_images"]):
+            raise SystemExit(f"--merge: {args.out} was measured on other data (raw pixels {earlier['raw_pixels']})")
+        results["curves"] = {k: v for k, v in earlier["curves"].items() if k not in args.recipes.split(",")}
+        order = [*earlier["curves"], *args.recipes.split(",")]  # a redone curve keeps its place in the table
     print(f"raw pixels {results['raw_pixels']:.2f}, random init {results['random_init']:.2f}", flush=True)
     for name in args.recipes.split(","):
         if name == "lightly":
@@ -210,6 +220,7 @@ def main() -> None:
                                                  args.overrides)
             if RECIPES[name][0] is not None:
                 results["curves"][name]["random_init"] = random_init_top1(RECIPES[name][0], bank, test)
+        results["curves"] = {k: results["curves"][k] for k in order if k in results["curves"]}
         Path(args.out).write_text(json.dumps(results, indent=2))  # after every curve: a crash keeps the others
     plot(results, Path(args.out).with_suffix(".png"))
     print(json.dumps({k: v for k, v in results.items() if k != "curves"}))

@@ -24,14 +24,14 @@ from dino_ray.config import load_config
 from dino_ray.data.augment import eval_transform
 from dino_ray.data.cifar10 import quickstart_data
 from dino_ray.data.datasets import build_dataset
-from dino_ray.eval.attention import save_attention
+from dino_ray.eval.attention import attention_figures
 from dino_ray.eval.knn import evaluate_knn
-from dino_ray.eval.monitor import first_images
+from dino_ray.eval.weights import resolve_weights
+from dino_ray.jobs.common import track
 from dino_ray.models.hub import load_pretrained_weights
 from dino_ray.ray_session import ray_session
-from dino_ray.tracking import eval_tracker, tracking_uri, ui_command
+from dino_ray.tracking import tracking_uri, ui_command
 from dino_ray.train.loop import build_config_backbone
-from dino_ray.train.checkpoint import RUN_ID_FILE
 from dino_ray.train.ray_trainer import pretrain_on_ray
 
 log = logging.getLogger("dino_ray.quickstart")
@@ -64,48 +64,41 @@ def run_quickstart(train_data: Optional[str], val_data: Optional[str], output_di
         raise RuntimeError(f"pretraining failed: {result.error}")
     final = out / run_name
     result.checkpoint.to_directory(str(final))
-    run_id = (final / RUN_ID_FILE).read_text().strip()
-    trained_epochs = torch.load(final / "checkpoint.pth", weights_only=True)["epoch"]
+    uri = tracking_uri(cfg)
+    weights = resolve_weights(str(final / "checkpoint.pth"), uri)  # with its run id and epoch: runs nest under it
 
     transform = eval_transform(cfg.global_crops_size, cfg.global_crops_size)
     knn_train = random_subset(build_dataset(train_data, transform), knn_train_images)
     knn_val = random_subset(build_dataset(val_data, transform), knn_val_images)
     torch.manual_seed(cfg.seed)
     random_init = build_config_backbone(cfg)  # the exact initial weights of this run
-    pretrained = load_pretrained_weights(build_config_backbone(cfg), final / "checkpoint.pth", "teacher")
+    pretrained = load_pretrained_weights(build_config_backbone(cfg), weights.path, "teacher")
     results = {}
     for name, model in (("random_init", random_init), ("pretrained", pretrained),
                         ("raw_pixels", nn.Flatten())):  # normalised pixels, cosine similarity: the bar to beat
         top1, top5 = evaluate_knn(model, knn_train, knn_val, nb_knn=[20], temperature=0.07, batch_size=256)[20]
         results[name] = {"top1": top1, "top5": top5}
-
-    uri = tracking_uri(cfg)
-    knn_run = eval_tracker(uri, run_id, "knn", {"nb_knn": 20, "temperature": 0.07, "train_images": len(knn_train),
-                                                 "val_images": len(knn_val), "val_data": val_data},
-                           epoch=trained_epochs)
-    knn_run.log_metrics({"top1_k20": results["pretrained"]["top1"], "top5_k20": results["pretrained"]["top5"],
-                         "random_init_top1_k20": results["random_init"]["top1"],
-                         "raw_pixels_top1_k20": results["raw_pixels"]["top1"]}, step=trained_epochs - 1)
-    knn_run.finish()
+    track("knn", {"nb_knn": 20, "temperature": 0.07, "train_images": len(knn_train), "val_images": len(knn_val),
+                  "val_data": val_data},
+          {"top1_k20": results["pretrained"]["top1"], "top5_k20": results["pretrained"]["top5"],
+           "random_init_top1_k20": results["random_init"]["top1"],
+           "raw_pixels_top1_k20": results["raw_pixels"]["top1"]},
+          {}, weights, uri, [])  # no headline: the pretraining run's knn_top1_k20 is the monitor's (other subsets)
 
     attention_dir = out / "attention"
     drawn = cfg.arch.startswith("vit") and attention_images > 0
     if drawn:  # a convolutional backbone has no attention to show
-        attention_run = eval_tracker(uri, run_id, "attention", {"images": attention_images, "threshold": 0.6,
-                                                                "image_size": 4 * cfg.global_crops_size},
-                                     epoch=trained_epochs)
-        for image in first_images(val_data, attention_dir / "inputs", attention_images):
-            files = save_attention(pretrained, image, attention_dir / image.stem, cfg.patch_size,
-                                   image_size=4 * cfg.global_crops_size, threshold=0.6)
-            attention_run.log_artifact(files[-1], f"attention/{image.stem}")
-        attention_run.finish()
+        figures = attention_figures(pretrained, val_data, attention_dir, attention_images, cfg.patch_size,
+                                    4 * cfg.global_crops_size)
+        track("attention", {"images": attention_images, "threshold": 0.6, "image_size": 4 * cfg.global_crops_size},
+              {}, {}, weights, uri, figures, [f"attention/{file.parent.name}" for file in figures])
 
     losses = [json.loads(line)["train_loss"] for line in open(final / "log.txt")]
     summary = {"train_minutes": round(train_minutes, 2), "epochs": cfg.epochs, "data": data_source,
                "train_data": train_data, "val_data": val_data, "arch": cfg.arch, "loss_first_epoch": losses[0],
                "loss_last_epoch": losses[-1], "images_per_s": result.metrics.get("images_per_s"),
                "knn_train_images": len(knn_train), "knn_val_images": len(knn_val), "knn_k20": results,
-               "mlflow_run_id": run_id, "tracking_uri": uri, "checkpoint": str(final / "checkpoint.pth"),
+               "mlflow_run_id": weights.run_id, "tracking_uri": uri, "checkpoint": str(final / "checkpoint.pth"),
                "attention": str(attention_dir) if drawn else None}  # not stale maps of an earlier ViT run
     (out / "quickstart.json").write_text(json.dumps(summary, indent=2))
     return summary

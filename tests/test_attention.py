@@ -1,9 +1,11 @@
 """Self-attention maps (visualize_attention.py): values, threshold masks, orientation and the saved figure."""
+import numpy as np
 import torch
 from PIL import Image
 
 from dino_ray import build_backbone
-from dino_ray.eval.attention import attention_maps, load_image, save_attention
+from dino_ray.data.datasets import build_dataset
+from dino_ray.eval.attention import attention_figures, attention_maps, load_image, save_attention
 from dino_ray.models.backbones import get_last_selfattention
 
 
@@ -59,3 +61,16 @@ def test_a_conv_stem_vit_has_attention_maps_too(tmp_path):
     assert {f.name for f in files} >= {"attn-head0.png", "attn-head1.png", "attention.png"}
     with Image.open(tmp_path / "out" / "attn-head1.png") as head:
         assert head.size == (128, 128)
+
+
+def test_figures_of_a_datasets_first_images_keep_their_inputs(tmp_path, cifar_rows):
+    """What the quickstart and the k-NN monitor draw: the same first rows every time, one figure per image."""
+    figures = attention_figures(tiny_vit(), str(cifar_rows), tmp_path / "att", 3, 4, image_size=32)
+    assert [f.relative_to(tmp_path / "att").as_posix() for f in figures] == [f"img{i:02d}/attention.png"
+                                                                              for i in range(3)]
+    assert sorted(f.name for f in (tmp_path / "att" / "inputs").iterdir()) == ["img00.png", "img01.png", "img02.png"]
+    with Image.open(tmp_path / "att" / "inputs" / "img01.png") as written:
+        assert np.array_equal(np.asarray(written), np.asarray(build_dataset(str(cifar_rows), max_images=3)[1][0]))
+    with Image.open(figures[1]) as figure:
+        figure.load()
+        assert figure.format == "PNG"

@@ -52,9 +52,9 @@ def test_sweep_files_are_checked_before_any_trial(tmp_path):
         load_sweep(write_sweep(tmp_path, search_space={"lr": [0.1, 0.2]}))
     assert load_sweep("experiments/sweeps/boosting_vit_small.yaml").base["scaling.num_workers"] == 16
     cpu = load_sweep("experiments/sweeps/cifar10_cpu.yaml")  # the table shows a knob as given, not rounded
-    table = format_table(cpu, [{"trial": "t0", "momentum_teacher": 0.996, "seed": 1, "knn_top1_k20": 29.04,
+    table = format_table(cpu, [{"trial": "t0", "teacher_temp": 0.015, "seed": 1, "knn_top1_k20": 29.04,
                                 "epochs_run": 3, "status": "STOPPED"}])
-    assert table.splitlines()[1].split() == ["t0", "0.996", "1", "29.04", "3", "STOPPED"]
+    assert table.splitlines()[1].split() == ["t0", "0.015", "1", "29.04", "3", "STOPPED"]
 
 
 def run_cli(*args):

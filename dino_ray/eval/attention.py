@@ -22,6 +22,7 @@ from torch import nn  # noqa: E402
 from torchvision import transforms  # noqa: E402
 
 from dino_ray.data.augment import denormalize, normalize  # noqa: E402
+from dino_ray.data.datasets import ParquetImageDataset, build_dataset  # noqa: E402
 from dino_ray.models.backbones import get_last_selfattention  # noqa: E402
 
 
@@ -110,3 +111,28 @@ def save_attention(model: nn.Module, image_path: str | Path, output_dir: str | P
     figure.savefig(files[-1], dpi=120)
     plt.close(figure)
     return files
+
+
+def first_images(data_path: str, folder: Path, count: int) -> list[Path]:
+    """The first ``count`` images of a dataset as files (Parquet rows written as PNGs under ``folder``): fixed
+    inputs, so that figures of successive checkpoints compare."""
+    folder.mkdir(parents=True, exist_ok=True)
+    dataset = build_dataset(data_path, max_images=count)
+    paths = []
+    for i in range(len(dataset)):
+        if isinstance(dataset, ParquetImageDataset):
+            path = folder / f"img{i:02d}.png"
+            dataset[i][0].save(path)
+        else:
+            path = Path(dataset.samples[i][0])
+        paths.append(path)
+    return paths
+
+
+def attention_figures(model: nn.Module, data_path: str, output_dir: str | Path, count: int, patch_size: int,
+                      image_size: int | tuple[int, int], threshold: Optional[float] = 0.6) -> list[Path]:
+    """``save_attention`` for the first ``count`` images of ``data_path`` (inputs under ``output_dir/inputs``,
+    figures under ``output_dir/imgNN/``); returns each image's side-by-side ``attention.png``."""
+    inputs = first_images(data_path, Path(output_dir) / "inputs", count)
+    return [save_attention(model, image, Path(output_dir) / f"img{i:02d}", patch_size, image_size, threshold)[-1]
+            for i, image in enumerate(inputs)]

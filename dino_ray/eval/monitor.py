@@ -15,8 +15,8 @@ from typing import Any
 
 from dino_ray.config import build_config
 from dino_ray.data.augment import eval_transform
-from dino_ray.data.datasets import ParquetImageDataset, build_dataset
-from dino_ray.eval.attention import save_attention
+from dino_ray.data.datasets import build_dataset
+from dino_ray.eval.attention import attention_figures
 from dino_ray.eval.knn import evaluate_knn
 from dino_ray.logs import log_to_stderr
 from dino_ray.models.hub import load_pretrained_weights
@@ -24,21 +24,6 @@ from dino_ray.train.checkpoint import RUN_ID_FILE
 from dino_ray.train.loop import build_config_backbone
 
 log = logging.getLogger(__name__)
-
-
-def first_images(data_path: str, folder: Path, count: int) -> list[Path]:
-    """The first ``count`` images of a dataset as PNG files (fixed inputs for attention figures)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    dataset = build_dataset(data_path, max_images=count)
-    paths = []
-    for i in range(len(dataset)):
-        if isinstance(dataset, ParquetImageDataset):
-            path = folder / f"img{i:02d}.png"
-            dataset[i][0].save(path)
-        else:
-            path = Path(dataset.samples[i][0])
-        paths.append(path)
-    return paths
 
 
 def knn_monitor(checkpoint: Any, config: dict[str, Any], epoch: int) -> dict[str, float]:
@@ -66,11 +51,10 @@ def knn_monitor(checkpoint: Any, config: dict[str, Any], epoch: int) -> dict[str
     with tempfile.TemporaryDirectory() as scratch:
         figures = []
         if cfg.eval.attention_images and cfg.arch.startswith("vit"):  # a convolutional backbone has no attention
-            inputs = first_images(cfg.eval.knn_val_data, Path(scratch) / "inputs", cfg.eval.attention_images)
-            for i, image in enumerate(inputs):
-                files = save_attention(backbone, image, Path(scratch) / f"img{i:02d}", cfg.patch_size,
-                                       image_size=4 * cfg.global_crops_size, threshold=0.6)
-                figures.append((files[-1].rename(files[-1].with_name(f"img{i:02d}.png")),
-                                f"attention/epoch{epoch:04d}"))
-        log_to_run(tracking_uri(cfg), run_id, metrics, step=epoch, artifacts=tuple(figures))
+            figures = [file.rename(file.with_name(f"{file.parent.name}.png"))  # attention/epochNNNN/imgNN.png
+                       for file in attention_figures(backbone, cfg.eval.knn_val_data, scratch,
+                                                     cfg.eval.attention_images, cfg.patch_size,
+                                                     4 * cfg.global_crops_size)]
+        log_to_run(tracking_uri(cfg), run_id, metrics, step=epoch,
+                   artifacts=tuple((file, f"attention/epoch{epoch:04d}") for file in figures))
     return metrics

@@ -71,8 +71,8 @@ def derived_seed(seed: int, rank: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
 
 
-def seed_everything(seed: int, rank: int, epoch: int) -> int:
-    """Seed torch, numpy and Python from (seed, rank, epoch); returns the derived seed.
+def seed_everything(seed: int, rank: int, epoch: int) -> None:
+    """Seed torch, numpy and Python from (seed, rank, epoch).
 
     Re-seeding at every epoch start makes the RNG state a function of the epoch, so a run resumed
     from a checkpoint draws the same crops and drop-path masks on every rank as one never stopped;
@@ -82,7 +82,6 @@ def seed_everything(seed: int, rank: int, epoch: int) -> int:
     torch.manual_seed(derived)
     np.random.seed(derived)
     random.seed(derived)
-    return derived
 
 
 def build_config_backbone(cfg: DINOConfig, drop_path_rate: float = 0.0) -> nn.Module:
