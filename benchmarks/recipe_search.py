@@ -16,7 +16,7 @@ Every trial's k-NN: weighted, k=20, T=0.07, backbone features of the teacher, th
 bank shard against the first 5,000 of the held-out shard (the protocol of the README's 300-step search).
 
 Usage: ``python benchmarks/recipe_search.py SPEC --data FOLDER [--parallel 8] [--budget_s 480] [--set k=v ...]
-[--out JSON]``
+[--out JSON]``; ``--table RESULTS`` prints a results JSON's table, ``--mlflow URI RESULTS`` records it in MLflow;
 where FOLDER holds ``train/`` (the training shards) and ``part-00004.parquet`` (held out);
 ``--cost`` instead times ``--cost_steps`` steps of each step-count trial on this machine's CPU, one at a time.
 """
@@ -28,6 +28,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -36,10 +37,9 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from time_to_accuracy import features, knn_top1, load_images  # noqa: E402  (beside this file)
+from time_to_accuracy import knn_top1, load_images  # noqa: E402  (beside this file)
 
 from dino_ray.eval.features import backbone_from_weights  # noqa: E402
-from dino_ray.eval.knn import knn_classifier  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,9 +101,7 @@ def command(trial: dict[str, Any], data: Path, out: Path, extra: list[str]) -> l
 def knn_of(checkpoint: Path, bank: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
            device: torch.device) -> float:
     backbone, _ = backbone_from_weights(str(checkpoint), checkpoint_key="teacher")
-    backbone.to(device)
-    f_bank, f_test = (features(backbone, images.to(device)).cpu() for images in (bank[0], test[0]))
-    return knn_classifier(f_bank, bank[1], f_test, test[1], k=20, T=0.07)[0]
+    return knn_top1(bank, test, backbone.to(device))
 
 
 def run_round(trials: list[dict[str, Any]], args: argparse.Namespace, launch_until: float, deadline: float,
@@ -168,9 +166,14 @@ def cost(trials: list[dict[str, Any]], args: argparse.Namespace) -> None:
         Path(args.out).write_text(json.dumps({"spec": args.spec, "cores": os.cpu_count(), "costs": costs}, indent=1))
 
 
+def baseline_scores(results: list[dict[str, Any]]) -> list[float]:
+    """The k-NN of the baseline's seeds, what every trial is read against."""
+    return [r["knn_top1"] for r in results if r["name"].startswith("baseline/")]
+
+
 def markdown_table(results: list[dict[str, Any]]) -> str:
     """One row per trial in the order run, with its gain over the mean of the baseline's seeds."""
-    base = [r["knn_top1"] for r in results if r["name"].startswith("baseline/")]
+    base = baseline_scores(results)
     mean = statistics.mean(base)
     lines = [f"baseline {mean:.2f} (mean of {len(base)} seeds: {', '.join(f'{b:.2f}' for b in base)})", "",
              "| trial | config | steps | knobs | k-NN top-1 | vs baseline |", "|---|---|---|---|---|---|"]
@@ -181,10 +184,43 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def record_in_mlflow(results_path: Path, uri: str, experiment: str = "dino-ray") -> str:
+    """A search's results JSON as MLflow runs, so its trials compare side by side in the UI as a sweep's do (the
+    trials ran where MLflow may be absent, a lent GPU machine): a parent run ``search-<file>`` holding the table,
+    one child per trial with its config, steps, seed, base knobs and knobs as params and its k-NN, gain over the
+    baseline's mean, loss and wall time as metrics. Returns the parent's run id."""
+    from dino_ray.tracking import RunTracker, ui_command
+
+    results = json.loads(results_path.read_text())["results"]
+    mean = statistics.mean(baseline_scores(results))
+    parent = RunTracker(uri, experiment, f"search-{results_path.stem}", {"results": results_path.name,
+                                                                          "trials": len(results)},
+                        tags={"dino_ray.search": results_path.stem})
+    if parent.run_id is None:
+        raise SystemExit(f"MLflow at {uri} did not create the run of {results_path}")
+    parent.log_metrics({"baseline_knn_top1": mean, "best_knn_top1": max(r["knn_top1"] for r in results)}, step=0)
+    table = Path(tempfile.mkdtemp()) / f"{results_path.stem}.md"
+    table.write_text(markdown_table(results) + "\n")
+    parent.log_artifact(table)
+    for r in results:
+        params = {"config": r["config"], "steps": r["steps"], "seed": r["seed"],
+                  **{f"base.{k}": json.dumps(v) for k, v in r.get("base", {}).items()},
+                  **{f"knob.{k}": json.dumps(v) for k, v in r["knobs"].items()}}
+        child = RunTracker(uri, experiment, r["name"], params, tags={"mlflow.parentRunId": parent.run_id,
+                                                                     "dino_ray.search": results_path.stem})
+        child.log_metrics({"knn_top1": r["knn_top1"], "vs_baseline": r["knn_top1"] - mean,
+                           "train_loss": r["train_loss"], "wall_s": r["wall_s"]}, step=r["steps"])
+        child.finish()
+    parent.finish()
+    print(f"{len(results)} trials of {results_path} in MLflow run {parent.run_id}; see them with: {ui_command(uri)}")
+    return str(parent.run_id)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("spec", help="a search spec (benchmarks/searches/*.yaml), or with --table a results JSON")
     parser.add_argument("--table", action="store_true", help="print the markdown table of a results JSON and stop")
+    parser.add_argument("--mlflow", metavar="URI", help="record a results JSON (SPEC) as MLflow runs at URI and stop")
     parser.add_argument("--data", help="a folder with train/ and part-00004.parquet")
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each trial")
@@ -198,6 +234,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parser.parse_args(argv)
     if args.table:
         print(markdown_table(json.loads(Path(args.spec).read_text())["results"]))
+        return
+    if args.mlflow:
+        record_in_mlflow(Path(args.spec), args.mlflow)
         return
     if not args.data:
         parser.error("--data is required")

@@ -64,8 +64,10 @@ def load_images(path: Path, count: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def features(model: torch.nn.Module, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    """``model``'s features of CPU ``images``, computed on the model's device a batch at a time, returned on CPU."""
     model.eval()
-    return torch.cat([model(images[i:i + batch]).float() for i in range(0, len(images), batch)])
+    device = next(model.parameters()).device
+    return torch.cat([model(images[i:i + batch].to(device)).float().cpu() for i in range(0, len(images), batch)])
 
 
 def knn_top1(bank: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
@@ -202,15 +204,16 @@ def main() -> None:
                                "raw_pixels": knn_top1(bank, test, None),
                                "random_init": random_init_top1(RECIPES["shipped"][0], bank, test),
                                "overrides": args.overrides, "curves": {}}
-    order = args.recipes.split(",")
+    recipes = args.recipes.split(",")
+    order = recipes
     if args.merge and Path(args.out).exists():
         earlier = json.loads(Path(args.out).read_text())
         if (earlier["raw_pixels"], earlier["test_images"]) != (results["raw_pixels"], results["test_images"]):
             raise SystemExit(f"--merge: {args.out} was measured on other data (raw pixels {earlier['raw_pixels']})")
-        results["curves"] = {k: v for k, v in earlier["curves"].items() if k not in args.recipes.split(",")}
-        order = [*earlier["curves"], *args.recipes.split(",")]  # a redone curve keeps its place in the table
+        results["curves"] = {k: v for k, v in earlier["curves"].items() if k not in recipes}
+        order = [*earlier["curves"], *recipes]  # a redone curve keeps its place in the table
     print(f"raw pixels {results['raw_pixels']:.2f}, random init {results['random_init']:.2f}", flush=True)
-    for name in args.recipes.split(","):
+    for name in recipes:
         if name == "lightly":
             from lightly_dino import lightly_curve  # beside this file
 

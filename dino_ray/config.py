@@ -60,8 +60,8 @@ class TrackingSection:
     experiment_name: str = "dino-ray"
     parent_run_id: Optional[str] = None  # nest the run under this one (a sweep's parent run)
     log_model: bool = True  # the teacher backbone as an MLflow model at the end (a few seconds)
-    # where a new experiment keeps its artifacts (s3://bucket/mlflow); default: the embedded store's
-    # output_dir/mlartifacts, or the tracking server's own setting
+    # where a new experiment keeps its artifacts (s3://bucket/mlflow); default: mlartifacts/ beside a SQLite
+    # store (the embedded one's output_dir/mlartifacts), or the tracking server's own setting
     artifact_location: Optional[str] = None
     # how long the end of a run waits for an unreachable server before leaving its unsent calls on disk
     retry_timeout_s: float = 120.0

@@ -3,8 +3,9 @@
 A pretraining is written by rank 0 only; an evaluation is a run nested under the pretraining it
 evaluates, with its headline metrics also logged on that pretraining run at the checkpoint's epoch,
 so the runs table shows each pretraining's k-NN and linear accuracy side by side. The location is
-``tracking.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else an embedded store under the output folder (``mlflow.db`` SQLite plus ``mlartifacts/``). A
-resumed run passes its MLflow run id and continues the same run.
+``tracking.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else an embedded store under the output folder
+(``mlflow.db`` SQLite plus ``mlartifacts/``; any SQLite store keeps its artifacts beside it). A resumed run
+passes its MLflow run id and continues the same run.
 
 Tracking never stops training and loses nothing: every call (the run's creation, params, metrics with
 their own steps and timestamps, tags, artifacts, the final status) goes through a ``CallQueue`` that
@@ -52,11 +53,13 @@ def tracking_uri(cfg: DINOConfig) -> str:
     return resolve_tracking_uri(cfg.tracking.tracking_uri, embedded_store(cfg.output_dir))
 
 
-def embedded_artifacts(cfg: DINOConfig) -> Optional[str]:
-    """Artifacts of the embedded store live beside it under the output folder (not in ./mlruns)."""
-    if tracking_uri(cfg).startswith("sqlite:///") and not cfg.tracking.tracking_uri:
-        return (Path(cfg.output_dir).resolve() / "mlartifacts").as_uri()
-    return None
+def artifacts_beside(uri: str) -> Optional[str]:
+    """Where a new experiment of a SQLite store keeps its artifacts: ``mlartifacts/`` beside the database, not
+    MLflow's ``./mlruns`` under whatever folder the process started in (a sweep, an evaluation, a test).
+    None for a server, which has its own setting."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
 
 
 def ui_command(uri: str) -> str:
@@ -76,7 +79,7 @@ def pretraining_tracker(cfg: DINOConfig, run_id: Optional[str] = None, tags: Opt
     if cfg.tracking.parent_run_id:
         tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
     return RunTracker(tracking_uri(cfg), cfg.tracking.experiment_name, cfg.run.name or Path(cfg.output_dir).name,
-                      flatten(cfg.to_dict()), run_id, tags, cfg.tracking.artifact_location or embedded_artifacts(cfg),
+                      flatten(cfg.to_dict()), run_id, tags, cfg.tracking.artifact_location,
                       spool_dir, cfg.tracking.retry_timeout_s)
 
 
@@ -210,7 +213,7 @@ class CallQueue:
         if op == "create":
             experiment = client.get_experiment_by_name(call["experiment"])
             experiment_id = experiment.experiment_id if experiment is not None else client.create_experiment(
-                call["experiment"], artifact_location=call.get("artifact_location"))
+                call["experiment"], artifact_location=call.get("artifact_location") or artifacts_beside(self.uri))
             key = call["tags"].get(RUN_KEY_TAG)
             found = client.search_runs([experiment_id], f"tags.`{RUN_KEY_TAG}` = '{key}'") if key else []
             if found:  # this training run's workers restarted before any checkpoint named its MLflow run

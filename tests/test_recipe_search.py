@@ -1,4 +1,5 @@
 """benchmarks/recipe_search.py: which trials a spec makes, and how round 2 combines round 1's winners."""
+import json
 import sys
 from pathlib import Path
 
@@ -71,3 +72,27 @@ def test_the_shipped_search_specs_make_valid_configs(spec):
         except ConfigError:
             refused.append(trial["name"])
     assert refused == (["gcrops0.2", "lcrops0.1-0.4"] if spec.stem == "cifar10_cpu" else [])
+
+
+def test_a_search_is_recorded_in_mlflow_as_a_parent_run_with_a_child_per_trial(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    trials = recipe_search.trial_list(SPEC)[:3]
+    results = [{**t, "steps": 300, "knn_top1": v, "train_loss": 7.0, "wall_s": 30.0}
+               for t, v in zip(trials, (38.0, 39.0, 41.0))]
+    path = tmp_path / "search.json"
+    path.write_text(json.dumps({"spec": "s.yaml", "results": results}))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = recipe_search.record_in_mlflow(path, uri)
+    client = MlflowClient(uri)
+    run = client.get_run(parent)
+    assert run.info.run_name == "search-search" and run.data.metrics["baseline_knn_top1"] == 38.5
+    assert [a.path for a in client.list_artifacts(parent)] == ["search.md"]
+    assert (tmp_path / "mlartifacts").is_dir()  # beside the store, not ./mlruns
+    children = {c.info.run_name: c for c in client.search_runs(
+        [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'")}
+    assert sorted(children) == ["baseline/s0", "baseline/s1", "tt"]
+    tt = children["tt"].data
+    assert tt.params["knob.teacher_temp"] == "0.02" and tt.params["base.min_lr"] == "0.001"
+    assert tt.metrics["knn_top1"] == 41.0 and tt.metrics["vs_baseline"] == 2.5
+    assert children["tt"].info.status == "FINISHED"

@@ -9,8 +9,8 @@ from mlflow.tracking import MlflowClient
 
 from dino_ray.cli import main
 from dino_ray.config import build_config
-from dino_ray.tracking import (QUEUE_FILE, RUN_KEY_TAG, RunTracker, embedded_store, resolve_tracking_uri,
-                               sync_tracking, tracking_uri)
+from dino_ray.tracking import (QUEUE_FILE, RUN_KEY_TAG, RunTracker, artifacts_beside, embedded_store,
+                               resolve_tracking_uri, sync_tracking, tracking_uri)
 
 
 @pytest.fixture(autouse=True)
@@ -166,3 +166,17 @@ def test_every_command_finds_its_store_in_one_order(tmp_path, monkeypatch):
     assert tracking_uri(cfg) == resolve_tracking_uri(None, "sqlite:///x.db") == "http://127.0.0.1:5000"
     assert resolve_tracking_uri("sqlite:///given.db", "sqlite:///x.db") == "sqlite:///given.db"
     assert tracking_uri(build_config({"tracking": {"tracking_uri": "sqlite:///given.db"}})) == "sqlite:///given.db"
+
+
+def test_a_sqlite_stores_artifacts_live_beside_it_not_where_the_process_started(tmp_path, monkeypatch):
+    (tmp_path / "store").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # a sweep or an evaluation started from another folder
+    tracker = RunTracker(f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}", "dino-ray", "knn")
+    (tmp_path / "table.md").write_text("| a |")
+    tracker.log_artifact(tmp_path / "table.md")
+    assert tracker.finish()
+    assert [p.name for p in (tmp_path / "store" / "mlartifacts").rglob("*.md")] == ["table.md"]
+    assert list((tmp_path / "elsewhere").iterdir()) == []  # no ./mlruns
+    assert artifacts_beside("sqlite:///mlflow.db") == (tmp_path / "elsewhere" / "mlartifacts").as_uri()
+    assert artifacts_beside("http://127.0.0.1:5000") is None  # a server has its own setting
