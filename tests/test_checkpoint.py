@@ -3,7 +3,6 @@ import resource
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -11,28 +10,32 @@ import torch
 from dino_ray.train.checkpoint import load_checkpoint, save_checkpoint
 
 WRITER = """
-import sys, torch
+import os, signal, sys, torch
 from dino_ray.train.checkpoint import save_checkpoint
-epoch = 0
-while True:  # large enough that a write takes a while; killed from outside at some point
-    epoch += 1
-    save_checkpoint({"student": {"w": torch.full((6_000_000,), float(epoch))}, "epoch": epoch}, sys.argv[1])
-    print(epoch, flush=True)
+for epoch in (1, 2):
+    save_checkpoint({"student": {"w": torch.full((1000,), float(epoch))}, "epoch": epoch}, sys.argv[1])
+
+
+def dies_halfway(state, f):  # the third write: half a zip on disk, then the process is killed
+    f.write(b"PK" + bytes(100_000))
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+torch.save = dies_halfway
+save_checkpoint({"student": {}, "epoch": 3}, sys.argv[1])
 """
 
 
 def test_sigkill_while_writing_leaves_the_previous_checkpoint_loadable(tmp_path):
     path = tmp_path / "checkpoint.pth"
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True)
-    for _ in range(2):  # two complete checkpoints, then kill during a later write
-        writer.stdout.readline()
-    time.sleep(0.05)
-    writer.send_signal(signal.SIGKILL)
-    writer.wait()
+    writer = subprocess.run([sys.executable, "-c", WRITER, str(path)], capture_output=True, text=True)
+    assert writer.returncode == -signal.SIGKILL, writer.stderr
+    (half,) = tmp_path.glob(".checkpoint.pth.*.tmp")  # killed mid-write: the half-written file is there
+    assert half.stat().st_size == 100_002
     checkpoint = load_checkpoint(path)
-    assert checkpoint["epoch"] >= 2 and torch.equal(checkpoint["student"]["w"][:3], torch.full((3,), float(
-        checkpoint["epoch"])))
-    save_checkpoint({"student": {}, "epoch": 99}, path)  # the next save clears a half-written temporary file
+    assert checkpoint["epoch"] == 2 and torch.equal(checkpoint["student"]["w"], torch.full((1000,), 2.0))
+    save_checkpoint({"student": {}, "epoch": 99}, path)  # the next save clears the half-written temporary file
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"]
 
 
