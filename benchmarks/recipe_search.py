@@ -59,7 +59,7 @@ def trial_list(spec: dict[str, Any]) -> list[dict[str, Any]]:
 
 def combinations(results: list[dict[str, Any]], spec: dict[str, Any]) -> list[dict[str, Any]]:
     """Round 2: the winners of round 1 (the baseline's config and steps only) added one by one, best first."""
-    base = [r["knn_top1"] for r in results if r["name"].startswith("baseline/")]
+    base = baseline_scores(results)
     if len(base) < 2:
         return []
     mean, noise = statistics.mean(base), statistics.stdev(base)
@@ -72,20 +72,21 @@ def combinations(results: list[dict[str, Any]], spec: dict[str, Any]) -> list[di
             if key not in best or r["knn_top1"] > best[key]["knn_top1"]:
                 best[key] = r
     winners = sorted(best.values(), key=lambda r: -r["knn_top1"])[:spec["combine"]["top"]]
-    trials = [{"config": spec["config"], "epochs": epochs, "epoch_length": epoch_length, "seed": 0, "knobs": {},
-               "base": spec.get("knobs", {}),
-               "name": f"baseline@{epochs * epoch_length}/s0"} for epochs, epoch_length, _ in spec["combine"]["steps"]
+
+    def trial(name: str, knobs: dict[str, Any], epochs: int, epoch_length: int, seed: int) -> dict[str, Any]:
+        return {"config": spec["config"], "epochs": epochs, "epoch_length": epoch_length, "seed": seed,
+                "base": spec.get("knobs", {}), "knobs": dict(knobs), "name": f"{name}@{epochs * epoch_length}/s{seed}"}
+
+    trials = [trial("baseline", {}, epochs, epoch_length, 0) for epochs, epoch_length, _ in spec["combine"]["steps"]
               if (epochs, epoch_length) != (spec["epochs"], spec["epoch_length"])]
     knobs, names = {}, []
     for winner in winners:
         if set(winner["knobs"]) & set(knobs):
             continue
         knobs, names = {**knobs, **winner["knobs"]}, [*names, winner["name"]]
-        for epochs, epoch_length, seeds in spec["combine"]["steps"]:
-            for seed in range(1, seeds + 1):  # round 1 ran seed 0
-                trials.append({"config": spec["config"], "epochs": epochs, "epoch_length": epoch_length,
-                               "base": spec.get("knobs", {}), "seed": seed, "knobs": dict(knobs),
-                               "name": f"{'+'.join(names)}@{epochs * epoch_length}/s{seed}"})
+        trials += [trial("+".join(names), knobs, epochs, epoch_length, seed)
+                   for epochs, epoch_length, seeds in spec["combine"]["steps"]
+                   for seed in range(1, seeds + 1)]  # round 1 ran seed 0
     return trials
 
 
@@ -199,9 +200,6 @@ def record_in_mlflow(results_path: Path, uri: str, experiment: str = "dino-ray")
     if parent.run_id is None:
         raise SystemExit(f"MLflow at {uri} did not create the run of {results_path}")
     parent.log_metrics({"baseline_knn_top1": mean, "best_knn_top1": max(r["knn_top1"] for r in results)}, step=0)
-    table = Path(tempfile.mkdtemp()) / f"{results_path.stem}.md"
-    table.write_text(markdown_table(results) + "\n")
-    parent.log_artifact(table)
     for r in results:
         params = {"config": r["config"], "steps": r["steps"], "seed": r["seed"],
                   **{f"base.{k}": json.dumps(v) for k, v in r.get("base", {}).items()},
@@ -210,8 +208,14 @@ def record_in_mlflow(results_path: Path, uri: str, experiment: str = "dino-ray")
                                                                      "dino_ray.search": results_path.stem})
         child.log_metrics({"knn_top1": r["knn_top1"], "vs_baseline": r["knn_top1"] - mean,
                            "train_loss": r["train_loss"], "wall_s": r["wall_s"]}, step=r["steps"])
-        child.finish()
-    parent.finish()
+        if not child.finish():
+            raise SystemExit(f"MLflow at {uri} stopped answering: trial {r['name']} of {results_path} not recorded")
+    with tempfile.TemporaryDirectory() as scratch:  # finish() sends the table before the folder goes
+        table = Path(scratch) / f"{results_path.stem}.md"
+        table.write_text(markdown_table(results) + "\n")
+        parent.log_artifact(table)
+        if not parent.finish():
+            raise SystemExit(f"MLflow at {uri} stopped answering: the table of {results_path} not recorded")
     print(f"{len(results)} trials of {results_path} in MLflow run {parent.run_id}; see them with: {ui_command(uri)}")
     return str(parent.run_id)
 
