@@ -21,7 +21,7 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed
 
 quickstart: venv
-	$(BIN)/python -m dino_ray.quickstart $(if $(TRAIN_DATA),--train_data $(TRAIN_DATA)) \
+	$(BIN)/dino-ray quickstart $(if $(TRAIN_DATA),--train_data $(TRAIN_DATA)) \
 		$(if $(VAL_DATA),--val_data $(VAL_DATA)) --config $(CONFIG) --output_dir $(QUICK)
 
 test: venv

@@ -36,8 +36,8 @@ from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from dino_ray.data.augment import IMAGENET_MEAN, IMAGENET_STD, DataAugmentationDINO
-from dino_ray.data.batched_augment import BatchedDataAugmentationDINO
+from dino_ray.core.data.augment import IMAGENET_MEAN, IMAGENET_STD, DataAugmentationDINO
+from dino_ray.core.data.batched_augment import BatchedDataAugmentationDINO
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets" / "cifar10" / "train" / "part-00000.parquet"

@@ -41,7 +41,7 @@ def eager_images(path: Path) -> tuple[list[bytes], list[int]]:
 
 def measure(reader: str, path: Path, reads: int) -> dict[str, float]:
     """Run in a child process: build, read ``reads`` random images, report peak RSS and times."""
-    from dino_ray.data.datasets import ParquetImageDataset, decode_rgb
+    from dino_ray.core.data.datasets import ParquetImageDataset, decode_rgb
 
     start = time.perf_counter()
     if reader == "lazy":

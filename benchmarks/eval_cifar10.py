@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from dino_ray.config import build_config
+from dino_ray.core.config import build_config
+from dino_ray.core.models.build import random_init_backbone
+from dino_ray.core.models.hub import safe_load
 from dino_ray.eval.linear import LinearArgs, run_linear
 from dino_ray.jobs.knn import KnnArgs, knn_job
-from dino_ray.models.hub import safe_load
-from dino_ray.train.loop import build_student_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets" / "cifar10" / "train"
@@ -43,10 +43,10 @@ def cifar_shard(index: int, sample: str) -> str:
 def random_init_checkpoint(checkpoint: Path, folder: Path) -> Path:
     """The pretraining's network as it was before its first step (same config, same seed)."""
     cfg = build_config(safe_load(checkpoint)["args"])
-    torch.manual_seed(cfg.seed)
-    _, teacher = build_student_teacher(cfg)
+    backbone = random_init_backbone(cfg)
     path = folder / "random_init.pth"
-    torch.save({"teacher": teacher.state_dict(), "args": cfg.to_dict(), "epoch": 0}, path)
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in backbone.state_dict().items()}, "args": cfg.to_dict(),
+                "epoch": 0}, path)
     return path
 
 

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import ray
 
-from dino_ray.config import load_config
-from dino_ray.train.ray_trainer import pretrain_on_ray
+from dino_ray.core.config import load_config
+from dino_ray.platform.trainer import pretrain_on_ray
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {

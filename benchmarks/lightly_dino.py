@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from dino_ray.data.datasets import build_dataset, collate_skipping_bad
+from dino_ray.core.data.datasets import build_dataset, collate_skipping_bad
 
 BATCH_SIZE = 128
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import ray
 
-from dino_ray.config import load_config
-from dino_ray.train.loop import train_dino
-from dino_ray.train.ray_trainer import pretrain_on_ray
+from dino_ray.core.config import load_config
+from dino_ray.core.train.loop import train_dino
+from dino_ray.platform.trainer import pretrain_on_ray
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets" / "cifar10" / "train" / "part-00000.parquet"

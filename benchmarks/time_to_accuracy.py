@@ -36,13 +36,12 @@ import pyarrow.parquet as pq
 import torch
 import yaml
 
-from dino_ray.data.augment import normalize_tensor
-from dino_ray.data.datasets import decode_rgb
-from dino_ray.eval.features import backbone_from_weights
+from dino_ray.core.config import build_config
+from dino_ray.core.data.augment import normalize_tensor
+from dino_ray.core.data.datasets import decode_rgb
+from dino_ray.core.models.build import backbone_from_checkpoint, random_init_backbone
+from dino_ray.core.models.hub import safe_load
 from dino_ray.eval.knn import knn_classifier
-from dino_ray.models.hub import safe_load
-from dino_ray.train.loop import build_config_backbone
-from dino_ray.config import build_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets" / "cifar10" / "train"
@@ -118,7 +117,7 @@ def dino_curve(name: str, train_data: Path, minutes: float, points: int, work: P
     for line in log:
         elapsed += line["train_epoch_seconds"]
         checkpoint = work / name / f"checkpoint{line['epoch']:04}.pth"
-        backbone, _ = backbone_from_weights(str(checkpoint), checkpoint_key="teacher")
+        backbone, _ = backbone_from_checkpoint(str(checkpoint), checkpoint_key="teacher")
         curve.append({"minutes": round(elapsed / 60, 2), "knn_top1": knn_top1(bank, test, backbone),
                       "images": (line["epoch"] + 1) * epoch_length * int(safe_load(checkpoint)["args"]
                                                                           ["batch_size_per_gpu"]),
@@ -130,8 +129,7 @@ def dino_curve(name: str, train_data: Path, minutes: float, points: int, work: P
 def random_init_top1(config: Path, bank: tuple[torch.Tensor, torch.Tensor],
                      test: tuple[torch.Tensor, torch.Tensor]) -> float:
     cfg = build_config(yaml.safe_load(config.read_text()))
-    torch.manual_seed(cfg.seed)
-    return knn_top1(bank, test, build_config_backbone(cfg))
+    return knn_top1(bank, test, random_init_backbone(cfg))
 
 
 def plot(results: dict[str, Any], path: Path) -> None:

@@ -1,6 +1,6 @@
 """Training-step throughput (images/s) with and without the speed options, saved as JSON.
 
-Each measurement runs the real step of ``dino_ray.train.loop.train_one_epoch`` (student forward and
+Each measurement runs the real step (``dino_ray.core.train.step``) through ``train_one_epoch`` (student forward and
 backward on all crops, teacher forward on the global crops, DINO loss, clipping, optimizer, EMA) on
 synthetic crops of the configured sizes, so data loading is excluded. Variants:
 - ``baseline``: explicit attention (softmax(QK^T)V), the default optimizer kernels, eager mode
@@ -20,10 +20,9 @@ from pathlib import Path
 
 import torch
 
-from dino_ray.config import DINOConfig, build_config, load_config
-from dino_ray.loss import DINOLoss
-from dino_ray.train.loop import (build_optimizer, build_schedules, build_student_teacher, place,
-                                 precision, train_one_epoch)
+from dino_ray.core.config import DINOConfig, build_config, load_config
+from dino_ray.core.train.loop import build_schedules, train_one_epoch
+from dino_ray.core.train.step import build_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,23 +46,13 @@ def synthetic_batch(cfg: DINOConfig) -> tuple[list[torch.Tensor], torch.Tensor, 
 def measure(cfg: DINOConfig, steps: int, warmup: int) -> dict[str, float]:
     """images/s over ``steps`` training steps after ``warmup`` untimed ones (compilation, allocator)."""
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    torch.manual_seed(0)
-    student, teacher = build_student_teacher(cfg)
-    place(cfg, student, device)
-    place(cfg, teacher, device)
-    teacher_fwd, student_fwd = (torch.compile(teacher), torch.compile(student)) if cfg.torch_compile else (teacher,
-                                                                                                          student)
-    loss = DINOLoss(cfg.out_dim, cfg.local_crops_number + 2, cfg.warmup_teacher_temp, cfg.teacher_temp,
-                    cfg.warmup_teacher_temp_epochs, cfg.epochs).to(device)
-    optimizer = build_optimizer(cfg, student)
-    autocast, scaler = precision(cfg, device)
+    step = build_step(cfg, device, 1, warmup + steps)
     schedules = build_schedules(cfg, warmup + steps, 1)
     batch = synthetic_batch(cfg)
 
     def run(n: int, epoch: int) -> float:
         start = time.perf_counter()
-        train_one_epoch(student, teacher_fwd, student_fwd, loss, [batch] * n, optimizer, schedules, epoch, cfg,
-                        device, autocast, scaler, show_progress=False)
+        train_one_epoch(step, [batch] * n, schedules, epoch)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start

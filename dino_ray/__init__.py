@@ -9,18 +9,18 @@ import importlib
 from typing import Any
 
 _MODULES = {
-    "dino_ray.config": ["DINOConfig", "load_config"],
-    "dino_ray.data.augment": ["DataAugmentationDINO"],
+    "dino_ray.core.config": ["DINOConfig", "load_config"],
+    "dino_ray.core.data.augment": ["DataAugmentationDINO"],
     "dino_ray.eval.knn": ["knn_classifier"],
-    "dino_ray.loss": ["DINOLoss"],
-    "dino_ray.models.backbones": ["build_backbone", "get_intermediate_layers", "get_last_selfattention"],
-    "dino_ray.models.head": ["DINOHead"],
-    "dino_ray.models.hub": ["dino_resnet50", "dino_vitb8", "dino_vitb16", "dino_vits8", "dino_vits16",
+    "dino_ray.core.loss": ["DINOLoss"],
+    "dino_ray.core.models.backbones": ["build_backbone", "get_intermediate_layers", "get_last_selfattention"],
+    "dino_ray.core.models.head": ["DINOHead"],
+    "dino_ray.core.models.hub": ["dino_resnet50", "dino_vitb8", "dino_vitb16", "dino_vits8", "dino_vits16",
                             "load_pretrained_weights"],
-    "dino_ray.models.multicrop": ["MultiCropWrapper"],
-    "dino_ray.optim": ["LARS", "cancel_gradients_last_layer", "clip_gradients", "cosine_scheduler",
+    "dino_ray.core.models.multicrop": ["MultiCropWrapper"],
+    "dino_ray.core.optim": ["LARS", "cancel_gradients_last_layer", "clip_gradients", "cosine_scheduler",
                        "get_params_groups"],
-    "dino_ray.train.loop": ["train_dino"],
+    "dino_ray.core.train.loop": ["train_dino"],
 }
 _WHERE = {name: module for module, names in _MODULES.items() for name in names}
 __all__ = list(_WHERE)

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from dino_ray.config import build_config
+from dino_ray.core.config import build_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10" / "train"
@@ -74,3 +74,13 @@ def s3_server():
         yield "s3://dino-ray"
     server.terminate()
     server.wait()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A skipped test is not a passing one: any skip fails the run (a missing package, a missing file)."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter is not None else []
+    if skipped and exitstatus == 0:
+        reporter.write_line(f"{len(skipped)} test(s) skipped: every test must run (see the skip reasons above)",
+                            red=True)
+        session.exitstatus = 1

@@ -4,9 +4,9 @@ import torch
 from PIL import Image
 
 from dino_ray import build_backbone
-from dino_ray.data.datasets import build_dataset
+from dino_ray.core.data.datasets import build_dataset
+from dino_ray.core.models.backbones import get_last_selfattention
 from dino_ray.eval.attention import attention_figures, attention_maps, load_image, save_attention
-from dino_ray.models.backbones import get_last_selfattention
 
 
 def tiny_vit():

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from dino_ray import build_backbone
-from dino_ray.eval.synthetic import moving_disc
 from dino_ray.eval.attention import batch_attention_maps, mass_mask, to_rgb
 from dino_ray.eval.attention_video import attention_video, overlay, render_batch, tile
+from dino_ray.eval.synthetic import moving_disc
 from dino_ray.eval.video import read_frames, video_info, write_video
 
 

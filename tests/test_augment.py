@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageFilter
 from torchvision import transforms
 
-from dino_ray.data.augment import DataAugmentationDINO, denormalize, normalize, normalize_tensor
+from dino_ray.core.data.augment import DataAugmentationDINO, denormalize, normalize, normalize_tensor
 
 DRAWS = 4000
 NAMES = {"RandomHorizontalFlip": "flip", "RandomApply": "jitter", "RandomGrayscale": "grayscale",

@@ -13,8 +13,8 @@ from PIL import Image, ImageFilter
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from dino_ray.data import batched_augment as B
-from dino_ray.data.augment import IMAGENET_MEAN, IMAGENET_STD, DataAugmentationDINO
+from dino_ray.core.data import batched_augment as B
+from dino_ray.core.data.augment import IMAGENET_MEAN, IMAGENET_STD, DataAugmentationDINO
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "cifar10_sample" / "train.parquet"
 DRAWS = 4000

@@ -7,11 +7,11 @@ import sys
 import pytest
 import torch
 
-from dino_ray.train.checkpoint import load_checkpoint, save_checkpoint
+from dino_ray.core.train.checkpoint import load_checkpoint, save_checkpoint
 
 WRITER = """
 import os, signal, sys, torch
-from dino_ray.train.checkpoint import save_checkpoint
+from dino_ray.core.train.checkpoint import save_checkpoint
 for epoch in (1, 2):
     save_checkpoint({"student": {"w": torch.full((1000,), float(epoch))}, "epoch": epoch}, sys.argv[1])
 

@@ -3,8 +3,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from dino_ray.data import cifar10
-from dino_ray.data.datasets import build_dataset
+from dino_ray.core.data import cifar10
+from dino_ray.core.data.datasets import build_dataset
 
 
 def test_given_paths_come_first_and_go_in_pairs():

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from dino_ray.cli import main
-from dino_ray.train.loop import train_dino
+from dino_ray.core.train.loop import train_dino
 
 
 def test_unknown_key_fails_before_any_work(tmp_path):

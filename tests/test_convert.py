@@ -9,9 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from dino_ray.data import convert
-from dino_ray.data.convert import PLAN_FILE, SKIPPED_FILE, convert_images, shard_name
-from dino_ray.data.datasets import build_dataset
+from dino_ray.core.data import convert
+from dino_ray.core.data.convert import PLAN_FILE, SKIPPED_FILE, convert_images, shard_name
+from dino_ray.core.data.datasets import build_dataset
+from dino_ray.jobs.convert import convert_job
 
 CLASSES = ["cat", "dog", "ship"]
 
@@ -37,7 +38,7 @@ def read_rows(target):
 
 def test_image_folder_round_trips_labels_and_pixels_and_resumes(tmp_path, monkeypatch):
     pixels = make_image_folder(tmp_path / "src")
-    summary = convert_images(tmp_path / "src", tmp_path / "out", rows_per_shard=5, use_ray=False)
+    summary = convert_images(tmp_path / "src", tmp_path / "out", rows_per_shard=5)
     assert summary == {"rows": 12, "skipped": 2, "shards": 3, "classes": 3, "target": str(tmp_path / "out")}
     rows = read_rows(tmp_path / "out")
     assert sorted(row["path"] for row in rows) == sorted(pixels)
@@ -62,33 +63,34 @@ def test_image_folder_round_trips_labels_and_pixels_and_resumes(tmp_path, monkey
 
     monkeypatch.setattr(convert, "convert_shard", dies_on_the_last_shard)
     with pytest.raises(KeyboardInterrupt):
-        convert_images(tmp_path / "src", tmp_path / "again", rows_per_shard=5, use_ray=False)
+        convert_images(tmp_path / "src", tmp_path / "again", rows_per_shard=5)
     monkeypatch.undo()
     assert not (tmp_path / "again" / shard_name(2)).exists() and not (tmp_path / "again" / SKIPPED_FILE).exists()
     kept = {i: (tmp_path / "again" / shard_name(i)).stat().st_mtime_ns for i in (0, 1)}
-    assert convert_images(tmp_path / "src", tmp_path / "again", rows_per_shard=5, use_ray=False) == \
+    assert convert_images(tmp_path / "src", tmp_path / "again", rows_per_shard=5) == \
         {**summary, "target": str(tmp_path / "again")}
     assert {i: (tmp_path / "again" / shard_name(i)).stat().st_mtime_ns for i in (0, 1)} == kept
     assert read_rows(tmp_path / "again") == rows
     with open(tmp_path / "again" / SKIPPED_FILE) as report:
         assert {row["path"] for row in csv.DictReader(report)} == {"dog/broken.jpg", "cat/notes.txt"}
     with pytest.raises(ValueError, match=f"rows_per_shard differ from {tmp_path / 'out' / PLAN_FILE}"):
-        convert_images(tmp_path / "src", tmp_path / "out", rows_per_shard=4, use_ray=False)
+        convert_images(tmp_path / "src", tmp_path / "out", rows_per_shard=4)
 
 
 @pytest.mark.slow
 def test_ray_tasks_write_the_same_shards_and_a_file_list_works(tmp_path, tiny_cfg):
     """The conversion in Ray tasks; then Ray Data (``data_loader: ray_data``) reads the folder and the shards as
     the same 12 images, each multi-cropped in a Ray Data task, the broken file dropped there."""
-    ray = pytest.importorskip("ray")
-    from dino_ray.data.ray_data import VIEW, count_images, image_dataset, multicrop_batch
+    import ray
+
+    from dino_ray.platform.ray_data import VIEW, count_images, image_dataset, multicrop_batch
 
     make_image_folder(tmp_path / "src")
-    convert_images(tmp_path / "src", tmp_path / "here", rows_per_shard=5, use_ray=False)
+    convert_images(tmp_path / "src", tmp_path / "here", rows_per_shard=5)
     config = tiny_cfg(augmentation="batched").to_dict()
     ray.init(num_cpus=2, log_to_driver=False)
     try:
-        summary = convert_images(tmp_path / "src", tmp_path / "ray", rows_per_shard=5)
+        summary = convert_job(tmp_path / "src", tmp_path / "ray", rows_per_shard=5)
         for source, listed in [(tmp_path / "src", 14), (tmp_path / "ray", 12)]:
             assert count_images(str(source)) == listed and count_images(str(source), 3) == 3
             rows = image_dataset(str(source)).map_batches(multicrop_batch, fn_kwargs={"config": config},
@@ -101,10 +103,10 @@ def test_ray_tasks_write_the_same_shards_and_a_file_list_works(tmp_path, tiny_cf
     assert json.loads((tmp_path / "ray" / PLAN_FILE).read_text())["classes"] == CLASSES
 
     (tmp_path / "src" / "list.txt").write_text("ship/1.png\ncat/0.png\ndog/broken.jpg\n")
-    summary = convert_images(tmp_path / "src" / "list.txt", tmp_path / "listed", use_ray=False)
+    summary = convert_images(tmp_path / "src" / "list.txt", tmp_path / "listed")
     assert summary["rows"] == 2 and summary["skipped"] == 1
     # labels come from the listed classes, whether or not a file of the class decodes: cat 0, dog 1, ship 2
     assert [(r["path"], r["label"]) for r in read_rows(tmp_path / "listed")] == [("cat/0.png", 0), ("ship/1.png", 2)]
     (tmp_path / "src" / "bad_list.txt").write_text("ship/1.png\nship/404.png\n")
     with pytest.raises(FileNotFoundError, match="ship/404.png"):
-        convert_images(tmp_path / "src" / "bad_list.txt", tmp_path / "bad", use_ray=False)
+        convert_images(tmp_path / "src" / "bad_list.txt", tmp_path / "bad")

@@ -6,9 +6,18 @@ import torch
 from PIL import Image
 
 from dino_ray import build_backbone
-from dino_ray.eval.copy_detection import (EDITS, copy_descriptor, copy_map, copy_scores, edit_copy, learn_whitening,
-                                          make_copies, read_copydays, whiten)
-from dino_ray.models.backbones import get_intermediate_layers
+from dino_ray.core.models.backbones import get_intermediate_layers
+from dino_ray.eval.copy_detection import (
+    EDITS,
+    copy_descriptor,
+    copy_map,
+    copy_scores,
+    edit_copy,
+    learn_whitening,
+    make_copies,
+    read_copydays,
+    whiten,
+)
 
 
 def test_the_descriptor_is_the_cls_token_beside_the_gem_of_the_patch_tokens():

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dino_ray.data.augment import DataAugmentationDINO, eval_transform
-from dino_ray.data.datasets import ParquetImageDataset, SafeImageFolder, build_dataset, collate_skipping_bad
+from dino_ray.core.data.augment import DataAugmentationDINO, eval_transform
+from dino_ray.core.data.datasets import ParquetImageDataset, SafeImageFolder, build_dataset, collate_skipping_bad
 
 
 def test_parquet_rows_decode_with_labels(cifar_rows):

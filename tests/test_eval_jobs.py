@@ -7,23 +7,23 @@ import shutil
 
 import numpy as np
 import pytest
+import ray  # noqa: E402  (installed by the ray extra: a missing Ray fails, never skips)
 import torch
 from PIL import Image
 
-ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow  # real Ray processes: make test, not make test-fast
 
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from dino_ray.config import build_config  # noqa: E402
-from dino_ray.data.augment import eval_transform  # noqa: E402
-from dino_ray.data.datasets import build_dataset  # noqa: E402
-from dino_ray.eval.synthetic import write_moving_disc  # noqa: E402
-from dino_ray.eval.features import backbone_from_weights, extract_features  # noqa: E402
+from dino_ray.core.config import build_config  # noqa: E402
+from dino_ray.core.data.augment import eval_transform  # noqa: E402
+from dino_ray.core.data.datasets import build_dataset  # noqa: E402
+from dino_ray.core.models.build import backbone_from_checkpoint
 from dino_ray.eval.copy_detection import copy_scores  # noqa: E402
+from dino_ray.eval.features import extract_features  # noqa: E402
 from dino_ray.eval.linear import LinearArgs  # noqa: E402
-from dino_ray.eval.ray_features import extract_features_on_ray  # noqa: E402
 from dino_ray.eval.retrieval import generic_scores  # noqa: E402
+from dino_ray.eval.synthetic import write_moving_disc  # noqa: E402
 from dino_ray.eval.video import video_info  # noqa: E402
 from dino_ray.eval.video_segmentation import davis_scores  # noqa: E402
 from dino_ray.jobs.attention import AttentionArgs, AttentionVideoArgs, attention_job, attention_video_job  # noqa: E402
@@ -32,8 +32,9 @@ from dino_ray.jobs.knn import KnnArgs, knn_job  # noqa: E402
 from dino_ray.jobs.linear import linear_job  # noqa: E402
 from dino_ray.jobs.retrieval import RetrievalArgs, retrieval_job  # noqa: E402
 from dino_ray.jobs.video_segmentation import VideoSegmentationArgs, video_segmentation_job  # noqa: E402
-from dino_ray.tracking import tracking_uri  # noqa: E402
-from dino_ray.train.ray_trainer import pretrain_on_ray  # noqa: E402
+from dino_ray.platform.ray_features import extract_features_on_ray  # noqa: E402
+from dino_ray.platform.tracking.store import tracking_uri  # noqa: E402
+from dino_ray.platform.trainer import pretrain_on_ray  # noqa: E402
 
 from .conftest import SAMPLE, TINY  # noqa: E402
 
@@ -65,7 +66,7 @@ def children(pretraining, name):
 def test_features_from_ray_tasks_equal_one_process(pretraining, tmp_path):
     spec = {"pretrained_weights": pretraining["checkpoint"], "checkpoint_key": "teacher"}
     spread = extract_features_on_ray(spec, VAL, "val", tmp_path / "features", 16, max_images=100, num_shards=3)
-    backbone, _ = backbone_from_weights(**spec)
+    backbone, _ = backbone_from_checkpoint(**spec)
     single = extract_features(backbone, build_dataset(VAL, eval_transform(16), 100), progress=False)
     assert spread[0].shape == (100, 32) and torch.equal(spread[1], single[1])
     assert torch.allclose(spread[0], single[0], atol=1e-5)
@@ -109,7 +110,7 @@ def test_linear_probe_on_ray_train_resumes_and_links_to_the_pretraining(pretrain
 
 def test_attention_maps_of_an_official_layout_backbone_file(pretraining, tmp_path):
     # the released layout: the teacher backbone alone, no prefix, no args
-    backbone, _ = backbone_from_weights(pretraining["checkpoint"])
+    backbone, _ = backbone_from_checkpoint(pretraining["checkpoint"])
     torch.save(backbone.state_dict(), tmp_path / "dino_backbone.pth")
     build_dataset(VAL, max_images=1)[0][0].save(tmp_path / "cat.png")
     files = attention_job(AttentionArgs(pretrained_weights=str(tmp_path / "dino_backbone.pth"),

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dino_ray import DINOHead, MultiCropWrapper, build_backbone, dino_vits16, load_pretrained_weights
-from dino_ray.models.hub import OFFICIAL_URL, OFFICIAL_WEIGHTS
+from dino_ray.core.models.hub import OFFICIAL_URL, OFFICIAL_WEIGHTS
 
 
 def tiny_vit():

@@ -3,10 +3,10 @@ import pytest
 
 import dino_ray.jobs.knn
 from dino_ray.cli import main
-from dino_ray.config import ConfigError
-from dino_ray.eval.linear_args import LinearArgs
+from dino_ray.core.args import build_args
+from dino_ray.core.config import ConfigError
+from dino_ray.eval.args import LinearArgs
 from dino_ray.jobs.attention import AttentionArgs, AttentionVideoArgs
-from dino_ray.jobs.common import build_args
 from dino_ray.jobs.knn import KnnArgs
 from dino_ray.jobs.linear import LinearLaunch
 from dino_ray.jobs.retrieval import RetrievalArgs
@@ -38,7 +38,7 @@ def test_values_from_a_file_or_a_command_line_are_converted_to_the_fields_types(
      "dataset must be one of None, roxford5k, rparis6k, got 'oxford5k'"),
     (lambda: AttentionArgs(**WEIGHTS, image_path=["a.png"], image_size=[1, 2, 3]), "image_size takes h w or one size"),
     (lambda: AttentionVideoArgs(**WEIGHTS, input_path="v.mp4", heads="max"), "heads must be one of mean, all"),
-    (lambda: LinearArgs(**WEIGHTS, val_data_path="v"), r"train_data_path is required \(unless evaluate\)"),
+    (lambda: LinearArgs(**WEIGHTS, val_data_path="v"), r"train_data_path \(or data_path\) is required \(unless evaluate\)"),
     (lambda: LinearArgs(**WEIGHTS, train_data_path="t", val_data_path="v", epochs=0), "epochs must be >= 1, got 0"),
     (lambda: LinearLaunch(ray_workers=0), "ray_workers must be >= 1, got 0"),
 ])

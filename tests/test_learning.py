@@ -7,8 +7,8 @@ takes a few minutes on 2 cores; CI runs it (marked ``slow`` only for selection).
 import pytest
 from mlflow.tracking import MlflowClient
 
-from dino_ray.config import load_config
-from dino_ray.quickstart import CONFIG, run_quickstart
+from dino_ray.core.config import load_config
+from dino_ray.jobs.quickstart import CONFIG, run_quickstart
 
 from .conftest import SHARED_CIFAR
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from dino_ray import build_backbone
+from dino_ray.core.models.backbones import get_intermediate_layers
 from dino_ray.eval.linear import LinearArgs, LinearClassifier, accuracy, linear_features, run_linear
-from dino_ray.models.backbones import get_intermediate_layers
 
 from .conftest import SAMPLE
 
@@ -47,7 +47,7 @@ def backbone_file(tmp_path):
 
 def test_linear_probe_on_cifar10_beats_chance_resumes_and_reevaluates(backbone_file, tmp_path):
     args = LinearArgs(pretrained_weights=str(backbone_file), arch="vit_tiny", patch_size=4,
-                      vit_shape={"embed_dim": 64, "depth": 2, "num_heads": 2}, n_last_blocks=1,
+                      embed_dim=64, depth=2, num_heads=2, n_last_blocks=1,
                       avgpool_patchtokens=True, epochs=3, lr=0.5, batch_size_per_gpu=64, num_workers=0,
                       num_labels=10, train_data_path=str(SAMPLE / "train.parquet"),
                       val_data_path=str(SAMPLE / "val.parquet"), crop_size=32, resize_size=32,

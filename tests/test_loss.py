@@ -8,7 +8,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from dino_ray import DINOLoss
-from dino_ray.loss import koleo_loss, sinkhorn_knopp, teacher_temp_schedule
+from dino_ray.core.loss import koleo_loss, sinkhorn_knopp, teacher_temp_schedule
 
 
 def manual_loss(student, teacher, center, ncrops, student_temp, teacher_temp):
@@ -107,28 +107,28 @@ def test_collapse_monitors_are_teacher_entropy_and_pairwise_kl():
     ncrops, batch, dim = 4, 3, 6
     loss_fn = DINOLoss(dim, ncrops, 0.04, 0.04, 0, 10)
     student, teacher = torch.randn(ncrops * batch, dim), torch.randn(2 * batch, dim)
-    loss_fn(student, teacher, epoch=0)
+    _, (teacher_entropy, kl_monitor) = loss_fn(student, teacher, epoch=0, return_monitors=True)
     s = [F.log_softmax(c / 0.1, dim=-1) for c in student.chunk(ncrops)]
     t = [F.softmax(c / 0.04, dim=-1) for c in teacher.chunk(2)]
     entropy = torch.cat([-(p * p.log()).sum(-1) for p in t]).mean()
     kl = [(t[i] * (t[i].log() - s[v])).sum(-1).mean() for i in range(2) for v in range(ncrops) if v != i]
-    assert torch.allclose(loss_fn.last_teacher_entropy, entropy, atol=1e-5)
-    assert torch.allclose(loss_fn.last_kl, sum(kl) / len(kl), atol=1e-5)
+    assert torch.allclose(teacher_entropy, entropy, atol=1e-5)
+    assert torch.allclose(kl_monitor, sum(kl) / len(kl), atol=1e-5)
 
 
 def test_collapse_monitors_read_zero_and_log_k_at_the_two_collapses():
     dim, batch = 8, 4
     loss_fn = DINOLoss(dim, 2, 0.04, 0.04, 0, 1)
     uniform = torch.zeros(2 * batch, dim)  # every output equal: the teacher is uniform, student = teacher
-    loss_fn(uniform, uniform, 0)
-    assert loss_fn.last_teacher_entropy.item() == pytest.approx(np.log(dim), abs=1e-5)
-    assert loss_fn.last_kl.item() == pytest.approx(0.0, abs=1e-5)
+    _, (entropy, kl) = loss_fn(uniform, uniform, 0, return_monitors=True)
+    assert entropy.item() == pytest.approx(np.log(dim), abs=1e-5)
+    assert kl.item() == pytest.approx(0.0, abs=1e-5)
     one_hot = torch.zeros(2 * batch, dim)
     one_hot[:, 0] = 100.0  # one dimension dominates everywhere: entropy 0
     loss_fn = DINOLoss(dim, 2, 0.04, 0.04, 0, 1)
-    loss_fn(one_hot, one_hot, 0)
-    assert loss_fn.last_teacher_entropy.item() == pytest.approx(0.0, abs=1e-4)
-    assert loss_fn.last_kl.item() == pytest.approx(0.0, abs=1e-4)
+    _, (entropy, kl) = loss_fn(one_hot, one_hot, 0, return_monitors=True)
+    assert entropy.item() == pytest.approx(0.0, abs=1e-4)
+    assert kl.item() == pytest.approx(0.0, abs=1e-4)
 
 
 def test_sinkhorn_knopp_equals_its_definition_on_a_hand_case():

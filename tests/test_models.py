@@ -129,7 +129,7 @@ def test_pos_embed_resampling_matches_the_reference_not_timm(size):
 
 def test_pos_embed_unchanged_at_native_size():
     model = build_backbone("vit_tiny", 8, img_size=32, embed_dim=16, depth=1, num_heads=2)
-    from dino_ray.models.backbones import interpolate_pos_encoding
+    from dino_ray.core.models.backbones import interpolate_pos_encoding
     assert interpolate_pos_encoding(model.pos_embed, 4, 4) is model.pos_embed
 
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from dino_ray import LARS, DINOHead, MultiCropWrapper, build_backbone, cosine_scheduler, get_params_groups
-from dino_ray.optim import cancel_gradients_last_layer, clip_gradients, update_teacher
+from dino_ray.core.optim import cancel_gradients_last_layer, clip_gradients, update_teacher
 
 
 def test_cosine_scheduler_warmup_endpoints_and_peak_twice():

@@ -5,13 +5,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow  # real Ray processes: make test, not make test-fast
 
-from dino_ray.config import ConfigError  # noqa: E402
-from dino_ray.data import ray_data  # noqa: E402
-from dino_ray.data.ray_data import VIEW, multicrop_batch  # noqa: E402
-
+from dino_ray.core.config import ConfigError  # noqa: E402
+from dino_ray.platform import ray_data  # noqa: E402
+from dino_ray.platform.ray_data import VIEW, multicrop_batch  # noqa: E402
 
 
 def test_a_task_decodes_and_multicrops_a_batch_and_drops_what_does_not_decode(cifar_rows, tiny_cfg):

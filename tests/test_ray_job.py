@@ -26,10 +26,10 @@ import time
 from pathlib import Path
 
 import pytest
+import ray  # noqa: E402  (installed by the ray extra: a missing Ray fails, never skips)
 import torch
 from mlflow.tracking import MlflowClient
 
-ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow  # real Ray processes: make test, not make test-fast
 
 from ray.util.state import list_actors  # noqa: E402

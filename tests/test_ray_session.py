@@ -5,7 +5,7 @@ import time
 import pytest
 import ray
 
-from dino_ray.ray_session import map_tasks, ray_session
+from dino_ray.platform.ray_session import map_tasks, ray_session
 
 
 def slow_power(base: int, exponent: int) -> int:

@@ -15,24 +15,22 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
+import ray  # noqa: E402  (installed by the ray extra: a missing Ray fails, never skips)
 import torch
 
-ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow  # real Ray processes: make test, not make test-fast
 
 import mlflow.pytorch  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-
 from dino_ray import build_backbone, load_pretrained_weights  # noqa: E402
-from dino_ray.data.ray_data import count_images, image_dataset  # noqa: E402
-from dino_ray.eval.weights import resolve_weights  # noqa: E402
-
-from dino_ray.tracking import tracking_uri  # noqa: E402
-from dino_ray.train.loop import train_dino  # noqa: E402
-from dino_ray.storage import fetch  # noqa: E402
-from dino_ray.train import ray_trainer  # noqa: E402
-from dino_ray.train.ray_trainer import pretrain_on_ray  # noqa: E402
+from dino_ray.core.storage import fetch  # noqa: E402
+from dino_ray.core.train.loop import train_dino  # noqa: E402
+from dino_ray.platform import trainer as ray_trainer  # noqa: E402
+from dino_ray.platform.checkpoints import resolve_checkpoint  # noqa: E402
+from dino_ray.platform.ray_data import count_images, image_dataset  # noqa: E402
+from dino_ray.platform.tracking.store import tracking_uri  # noqa: E402
+from dino_ray.platform.trainer import pretrain_on_ray  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +152,7 @@ def test_checkpoints_and_artifacts_on_s3_and_a_resume_from_there_alone(local_ray
     assert len(rows) == 8 and all(local["image"][local["path"].index(row["path"])] == row["image"] for row in rows)
 
     # an evaluation reads the checkpoint straight from the storage and finds its MLflow run beside it
-    weights = resolve_weights(f"{s3_server}/ray_results/s3run/checkpoint_epoch0002/checkpoint.pth",
+    weights = resolve_checkpoint(f"{s3_server}/ray_results/s3run/checkpoint_epoch0002/checkpoint.pth",
                               cache_dir=tmp_path / "weights")
     assert weights.epoch == 3 and weights.run_id == run.info.run_id and weights.tracking_uri == mlflow_db
 
@@ -175,7 +173,7 @@ def test_checkpoints_and_artifacts_on_s3_and_a_resume_from_there_alone(local_ray
         assert torch.load(f"{folder}/checkpoint.pth", weights_only=False)["epoch"] == 4
     assert "dino-ray/ray_results/s3moved/resume_from/checkpoint.pth" in {
         info.path for info in s3.get_file_info(pafs.FileSelector("dino-ray/ray_results/s3moved", recursive=True))}
-    with pytest.raises(FileNotFoundError, match="'checkpints/last.pth' is neither an existing checkpoint file"):
+    with pytest.raises(FileNotFoundError, match="'checkpints/last.pth' is neither a file"):
         pretrain_on_ray(moved, resume_from="checkpints/last.pth")  # a typo is named, not sent to MLflow
 
 

@@ -10,8 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from dino_ray.eval.retrieval import (generic_scores, protocol_ground_truth, ranking, read_revisited, revisited_ap,
-                                     revisited_scores)
+from dino_ray.eval.retrieval import (
+    generic_scores,
+    protocol_ground_truth,
+    ranking,
+    read_revisited,
+    revisited_ap,
+    revisited_scores,
+)
 
 from .conftest import SAMPLE
 

@@ -1,9 +1,8 @@
 """Cloud storage helpers against a local S3 server: what --resume-from and --pretrained_weights read back."""
+import pyarrow.fs as pafs
 import pytest
 
-import pyarrow.fs as pafs
-
-from dino_ray.storage import exists, fetch, is_uri, join
+from dino_ray.core.storage import exists, fetch, is_uri, join
 
 
 def test_uris_and_local_paths():

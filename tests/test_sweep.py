@@ -10,13 +10,12 @@ import time
 import pytest
 import yaml
 
-ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow  # real Ray processes: make test, not make test-fast
 
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from dino_ray.config import ConfigError  # noqa: E402
-from dino_ray.sweep import format_table, load_sweep, param_space  # noqa: E402
+from dino_ray.core.config import ConfigError  # noqa: E402
+from dino_ray.platform.sweep import format_table, load_sweep, param_space  # noqa: E402
 
 from .conftest import SAMPLE, TINY  # noqa: E402
 
@@ -110,3 +109,30 @@ def csv_rows(path):
 
     with open(path) as f:
         yield from csv.DictReader(f)
+
+
+def test_a_search_round_runs_its_named_variants_as_one_sweep(tmp_path):
+    """The recipe search on the sweep engine: round 1 (two baseline seeds and one knob) as a sweep of named
+    variants, each a TorchTrainer pretraining scored by the k-NN monitor at its last epoch, in MLflow under the
+    round's parent run."""
+    import shutil
+
+    from dino_ray.platform.search import run_search
+
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    shutil.copy(SAMPLE / "train.parquet", tmp_path / "data" / "train" / "part-00000.parquet")
+    shutil.copy(SAMPLE / "val.parquet", tmp_path / "data" / "part-00004.parquet")
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(dict(TINY, batch_size_per_gpu=16)))
+    spec = {"config": "tiny.yaml", "epochs": 1, "epoch_length": 2, "seeds": 2, "round1_share": 1.0,
+            "combine": {"top": 1, "steps": [[1, 2, 1]]}, "trials": {"lr_high": {"lr": 0.01}}}
+    results = run_search(spec, "tiny", tmp_path, tmp_path / "data", parallel=1, threads=1, budget_s=900,
+                         storage_path=str(tmp_path / "searches"))
+    assert [r["name"] for r in results[:3]] == ["baseline/s0", "baseline/s1", "lr_high"]
+    assert all(0 < r["knn_top1"] <= 100 and r["steps"] == 2 for r in results)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'searches' / 'tiny-round1' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("dino-ray").experiment_id
+    (parent,) = client.search_runs([experiment], filter_string="tags.`dino_ray.sweep` = 'tiny-round1'")
+    children = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 3 and {c.info.status for c in children} == {"FINISHED"}
+    assert sorted(c.data.params["lr"] for c in children) == sorted([str(TINY.get("lr", 0.0005))] * 2 + ["0.01"])
+    assert {c.data.params["seed"] for c in children} == {"0", "1"}

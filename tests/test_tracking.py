@@ -8,9 +8,17 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from dino_ray.cli import main
-from dino_ray.config import build_config
-from dino_ray.tracking import (QUEUE_FILE, RUN_KEY_TAG, RunTracker, artifacts_beside, embedded_store,
-                               resolve_tracking_uri, sync_tracking, tracking_uri)
+from dino_ray.core.config import build_config
+from dino_ray.platform.tracking.queue import sync_tracking
+from dino_ray.platform.tracking.runs import RunTracker
+from dino_ray.platform.tracking.store import (
+    QUEUE_FILE,
+    RUN_KEY_TAG,
+    artifacts_beside,
+    embedded_store,
+    resolve_tracking_uri,
+    tracking_uri,
+)
 
 
 @pytest.fixture(autouse=True)

@@ -12,9 +12,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dino_ray import load_pretrained_weights
-from dino_ray.models.backbones import build_backbone
-from dino_ray.train import loop
-from dino_ray.train.loop import build_student_teacher, train_dino
+from dino_ray.core.data.loader import EpochSliceSampler
+from dino_ray.core.models.backbones import build_backbone
+from dino_ray.core.models.build import build_student_teacher
+from dino_ray.core.train import loop
+from dino_ray.core.train import step as step_module
+from dino_ray.core.train.loop import train_dino
 
 
 class Stop(Exception):
@@ -108,13 +111,13 @@ def test_corrupt_checkpoint_is_reported_not_replaced(tiny_cfg):
 def test_non_finite_loss_stops_naming_epoch_and_iteration(tiny_cfg, monkeypatch):
     calls = []
 
-    class ExplodingLoss(loop.DINOLoss):
-        def forward(self, student_output, teacher_output, epoch):
+    class ExplodingLoss(step_module.DINOLoss):
+        def forward(self, student_output, teacher_output, epoch, **kwargs):
             calls.append(epoch)
-            loss = super().forward(student_output, teacher_output, epoch)
-            return loss * float("nan") if epoch == 1 and calls.count(1) == 3 else loss
+            loss, monitors = super().forward(student_output, teacher_output, epoch, **kwargs)
+            return (loss * float("nan") if epoch == 1 and calls.count(1) == 3 else loss), monitors
 
-    monkeypatch.setattr(loop, "DINOLoss", ExplodingLoss)
+    monkeypatch.setattr(step_module, "DINOLoss", ExplodingLoss)
     cfg = tiny_cfg()
     with pytest.raises(FloatingPointError, match="at epoch 1, iteration 2"):
         train_dino(cfg, show_progress=False)
@@ -168,7 +171,7 @@ def test_runs_unchanged_under_torch_distributed_gloo(tiny_cfg, tmp_path):
 
 def test_fixed_length_epochs_walk_through_the_data_once_per_pass():
     """epoch_length (dinov2's fixed epochs): consecutive epochs continue one shuffled pass, ranks disjoint."""
-    epochs = [[list(loop.EpochSliceSampler(10, 3, 2, rank, seed=0, epoch=e)) for rank in (0, 1)] for e in range(5)]
+    epochs = [[list(EpochSliceSampler(10, 3, 2, rank, seed=0, epoch=e)) for rank in (0, 1)] for e in range(5)]
     stream = [i for ranks in epochs for pair in zip(*ranks) for i in pair]  # 5 epochs x 6 = 30 = 3 passes of 10
     for data_pass in range(3):
         assert sorted(stream[10 * data_pass:10 * (data_pass + 1)]) == list(range(10))

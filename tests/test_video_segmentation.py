@@ -8,9 +8,22 @@ import torch
 
 from dino_ray import build_backbone
 from dino_ray.eval.synthetic import write_moving_disc
-from dino_ray.eval.video_segmentation import (boundary_f, boundary_map, davis_frames, davis_palette, davis_scores,
-                                              davis_videos, neighbourhood, norm_mask, propagate, read_labels,
-                                              region_j, scaled_size, segment_video, write_indexed)
+from dino_ray.eval.video_segmentation import (
+    boundary_f,
+    boundary_map,
+    davis_frames,
+    davis_palette,
+    davis_scores,
+    davis_videos,
+    neighbourhood,
+    norm_mask,
+    propagate,
+    read_labels,
+    region_j,
+    scaled_size,
+    segment_video,
+    write_indexed,
+)
 
 
 def square(size=(20, 20), top=5, left=5, side=8):

@@ -21,9 +21,9 @@ from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 from torchvision import transforms  # noqa: E402
 
-from dino_ray.data.augment import denormalize, normalize  # noqa: E402
-from dino_ray.data.datasets import ParquetImageDataset, build_dataset  # noqa: E402
-from dino_ray.models.backbones import get_last_selfattention  # noqa: E402
+from dino_ray.core.data.augment import denormalize, normalize  # noqa: E402
+from dino_ray.core.data.datasets import ParquetImageDataset, build_dataset  # noqa: E402
+from dino_ray.core.models.backbones import get_last_selfattention  # noqa: E402
 
 
 def load_image(path: str | Path, image_size: int | tuple[int, int], patch_size: int) -> torch.Tensor:

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 from torch import nn
 
+from dino_ray.core.models.backbones import get_intermediate_layers
 from dino_ray.eval.retrieval import revisited_ap
-from dino_ray.models.backbones import get_intermediate_layers
 
 TOP_K = 20  # the reference scores the first 20 results only
 JPEG_QUALITIES = (3, 5, 8, 10, 15, 20, 30, 50, 75)

@@ -6,10 +6,8 @@ the distributed extraction on Ray writes (one part per task) and ``--dump_featur
 """
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
-from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -19,10 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from dino_ray.data.datasets import collate_skipping_bad
-from dino_ray.models.backbones import build_backbone
-from dino_ray.eval.weights import recorded_args
-from dino_ray.models.hub import extract_state_dict, load_checkpoint_weights, safe_load
+from dino_ray.core.data.datasets import collate_skipping_bad
 
 
 @torch.no_grad()
@@ -39,42 +34,6 @@ def extract_features(model: nn.Module, dataset: Dataset, batch_size: int = 128, 
         features.append(model(images.to(device)).float().cpu())
         labels.append(targets)
     return torch.cat(features), torch.cat(labels)
-
-
-def backbone_from_weights(pretrained_weights: str, arch: Optional[str] = None, patch_size: Optional[int] = None,
-                          checkpoint_key: str = "teacher", **vit_kwargs: Any) -> tuple[nn.Module, dict[str, Any]]:
-    """Build the backbone a weights file needs and load it; returns ``(backbone, shape)``.
-
-    A dino-ray or reference full checkpoint records its ``args``: arch, patch size and ViT shape come
-    from there unless given. A backbone-only file needs ``arch`` and ``patch_size``.
-    """
-    if not Path(pretrained_weights).is_file():
-        raise FileNotFoundError(f"pretrained_weights '{pretrained_weights}' does not exist")
-    checkpoint = safe_load(pretrained_weights)
-    recorded = recorded_args(checkpoint)
-    shape = {"arch": arch or recorded.get("arch", "vit_small"),
-             "patch_size": patch_size or recorded.get("patch_size", 16)}
-    for key in ("embed_dim", "depth", "num_heads"):
-        if vit_kwargs.get(key) or recorded.get(key):
-            shape[key] = vit_kwargs.get(key) or recorded.get(key)
-    shape["stem"], shape["width"] = recorded.get("stem", "default"), recorded.get("width", 1.0)
-    if shape["arch"].startswith("vit"):
-        extra = {k: v for k, v in shape.items() if k in ("embed_dim", "depth", "num_heads")}
-        img_size = recorded.get("global_crops_size") or _trained_size(checkpoint, checkpoint_key, shape["patch_size"])
-        backbone = build_backbone(shape["arch"], shape["patch_size"], img_size=img_size, stem=shape["stem"], **extra)
-        shape["image_size"] = img_size
-    else:
-        backbone = build_backbone(shape["arch"], stem=shape["stem"], width=shape["width"])
-        shape["image_size"] = recorded.get("global_crops_size", 224)
-    load_checkpoint_weights(backbone, checkpoint, checkpoint_key, pretrained_weights)
-    return backbone, shape
-
-
-def _trained_size(checkpoint: Any, checkpoint_key: str, patch_size: int) -> int:
-    """A backbone-only ViT file records no args: its position embeddings tell the size it was trained at."""
-    state = extract_state_dict(checkpoint, checkpoint_key)
-    pos = state.get("pos_embed", state.get("backbone.pos_embed"))
-    return int(round(math.sqrt(pos.shape[1] - 1))) * patch_size if pos is not None else 224
 
 
 def save_features(folder: str | Path, split: str, features: torch.Tensor, labels: torch.Tensor, part: int = 0) -> Path:

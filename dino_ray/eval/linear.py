@@ -24,14 +24,14 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchvision import transforms
 from tqdm.auto import tqdm
 
-from dino_ray.data.augment import normalize
-from dino_ray.data.datasets import build_dataset, collate_skipping_bad
-from dino_ray.eval.features import backbone_from_weights
-from dino_ray.eval.linear_args import LinearArgs
-from dino_ray.models.backbones import get_intermediate_layers
-from dino_ray.models.hub import extract_state_dict, safe_load
-from dino_ray.train.checkpoint import save_checkpoint
-from dino_ray.train.loop import rank_and_world, seed_everything
+from dino_ray.core.data.augment import normalize
+from dino_ray.core.data.datasets import build_dataset, collate_skipping_bad
+from dino_ray.core.models.backbones import get_intermediate_layers
+from dino_ray.core.models.build import backbone_from_checkpoint
+from dino_ray.core.models.hub import extract_state_dict, safe_load
+from dino_ray.core.ranks import rank_and_world, seed_everything
+from dino_ray.core.train.checkpoint import save_checkpoint
+from dino_ray.eval.args import LinearArgs
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def validate(model: nn.Module, classifier: nn.Module, loader: DataLoader, args: 
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(sums)
     if sums[3] == 0:
-        raise ValueError(f"validation set '{args.val_data_path}' has no readable image")
+        raise ValueError(f"validation set '{args.split('val')}' has no readable image")
     return {"loss": (sums[0] / sums[3]).item(), "acc1": (100 * sums[1] / sums[3]).item(),
             "acc5": (100 * sums[2] / sums[3]).item()}
 
@@ -142,8 +142,8 @@ def run_linear(args: LinearArgs, on_epoch_end: Optional[Callable[[int, dict[str,
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     out = Path(work_dir or args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model, _ = backbone_from_weights(args.pretrained_weights, args.arch, args.patch_size, args.checkpoint_key,
-                                     **args.vit_shape)
+    model, _ = backbone_from_checkpoint(args.pretrained_weights, args.checkpoint_key, arch=args.arch,
+                                        patch_size=args.patch_size, **args.vit_shape)
     model.to(device).eval()
     for p in model.parameters():
         p.requires_grad = False
@@ -151,7 +151,7 @@ def run_linear(args: LinearArgs, on_epoch_end: Optional[Callable[[int, dict[str,
     classifier = LinearClassifier(feature_dim(model, args.n_last_blocks, args.avgpool_patchtokens), args.num_labels)
     classifier.to(device)
     train_tf, val_tf = linear_transforms(args)
-    val_set = build_dataset(args.val_data_path, val_tf, args.max_val_images)
+    val_set = build_dataset(args.split("val"), val_tf, args.max_val_images)
     checkpoint_path = out / "checkpoint.pth"
 
     if args.evaluate:
@@ -180,7 +180,7 @@ def run_linear(args: LinearArgs, on_epoch_end: Optional[Callable[[int, dict[str,
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, best_acc1 = state["epoch"], state["best_acc"]
         log.info("linear eval resumed from %s at epoch %d", checkpoint_path, start_epoch)
-    train_set = build_dataset(args.train_data_path, train_tf, args.max_train_images)
+    train_set = build_dataset(args.split("train"), train_tf, args.max_train_images)
 
     stats: dict[str, float] = {"best_acc1": best_acc1}
     for epoch in range(start_epoch, args.epochs):

@@ -13,7 +13,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from dino_ray.data.datasets import image_files
+from dino_ray.core.data.datasets import image_files
 
 DEFAULT_FPS = 30.0  # the reference's --fps, for frame folders that carry no rate
 

@@ -29,8 +29,8 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from dino_ray.data.augment import normalize_tensor
-from dino_ray.models.backbones import get_intermediate_layers
+from dino_ray.core.data.augment import normalize_tensor
+from dino_ray.core.models.backbones import get_intermediate_layers
 
 RESOLUTION = "480p"
 ROUND_TO = 64  # the reference rounds the longer side of every frame down to a multiple of 64

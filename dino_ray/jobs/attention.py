@@ -3,12 +3,12 @@ on images (the reference's ``visualize_attention.py``) and on every frame of a v
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from dino_ray.config import below
-from dino_ray.jobs.common import WeightsArgs, eval_tracking_uri, image_size, load_backbone, one_of, track
+from dino_ray.core.args import arg, below, one_of
+from dino_ray.jobs.common import WeightsArgs, eval_tracking_uri, image_size, load_backbone, track
 
 log = logging.getLogger(__name__)
 
@@ -16,11 +16,11 @@ log = logging.getLogger(__name__)
 @dataclass
 class AttentionArgs(WeightsArgs):
     """``visualize_attention.py``'s flags (several images at once)."""
-    image_path: list[str] = field(default_factory=list)
-    image_size: list[int] = field(default_factory=lambda: [480, 480])  # (h w), or the shorter side
-    threshold: Optional[float] = None  # keep this share of the attention mass
-    output_dir: str = "outputs/attention"
-    track: bool = True  # an MLflow run nested under the pretraining; False: only the PNGs
+    image_path: list[str] = arg(help="one or more image files", factory=list)
+    image_size: list[int] = arg(help="resize to (h w), or the shorter side", factory=lambda: [480, 480])
+    threshold: Optional[float] = arg(None, "keep this share of the attention mass")
+    output_dir: str = arg("outputs/attention", "the PNGs go to output_dir/<image name>/")
+    track: bool = arg(True, "only write the PNGs (no MLflow run)", flag="--no-mlflow")
 
     def problems(self) -> list[str]:
         problems = super().problems() + ([] if self.image_path else ["image_path is required (one or more)"])
@@ -52,15 +52,15 @@ def attention_job(args: AttentionArgs) -> list[Path]:
 @dataclass
 class AttentionVideoArgs(WeightsArgs):
     """``video_generation.py``'s flags."""
-    input_path: str = ""  # a video file or a folder of frames
-    output_path: str = "outputs/attention_video"  # the video, and frames/ unless video_only
-    threshold: float = 0.6  # keep this share of the attention mass (0 or less: no threshold)
-    heads: str = "mean"  # the head mean, or all: every head in a grid
-    resize: Optional[list[int]] = None  # frames' shorter side, or h w (None: as they are)
-    fps: Optional[float] = None  # default: the video's; 30 for a frame folder
-    batch_size: int = 8
-    video_only: bool = False
-    track: bool = True
+    input_path: str = arg("", "a video file or a folder of frames")
+    output_path: str = arg("outputs/attention_video", "the video, and frames/ unless video_only, go here")
+    threshold: float = arg(0.6, "keep this share of the attention mass (0 or less: no threshold)")
+    heads: str = arg("mean", "mean: the head mean; all: every head in a grid")
+    resize: Optional[list[int]] = arg(None, "frames' shorter side, or h w (default: as they are)")
+    fps: Optional[float] = arg(None, "output frame rate (default: the video's; 30 for a frame folder)")
+    batch_size: int = arg(8, "frames per forward pass")
+    video_only: bool = arg(False, "do not keep the rendered frames")
+    track: bool = arg(True, "only write the files (no MLflow run)", flag="--no-mlflow")
 
     def problems(self) -> list[str]:
         problems = super().problems() + ([] if self.input_path else ["input_path is required"])

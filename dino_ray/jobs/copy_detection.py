@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from dino_ray.config import below
-from dino_ray.jobs.common import WeightsArgs, eval_tracking_uri, load_backbone, load_rgb, one_of, track
+from dino_ray.core.args import arg, below, one_of
+from dino_ray.jobs.common import WeightsArgs, eval_tracking_uri, load_backbone, load_rgb, track
 
 log = logging.getLogger(__name__)
 
@@ -17,17 +17,20 @@ log = logging.getLogger(__name__)
 @dataclass
 class CopyDetectionArgs(WeightsArgs):
     """``eval_copy_detection.py``'s flags, plus the generic mode's."""
-    data_path: str = ""  # copydays: original/, strong/, jpegqual/<q>/, crops/<p>/; generic: images to copy
-    dataset: Optional[str] = None  # copydays, or None: the generic mode
-    whitening_path: Optional[str] = None  # images the PCA whitening is learned on (generic default: the rest)
-    distractors_path: Optional[str] = None  # images added to the database
-    imsize: int = 320
-    num_originals: Optional[int] = None  # generic mode (default: half the images)
-    max_images: Optional[int] = None
-    edits: Optional[list[str]] = None  # generic mode: of crop, jpeg, colour, blur, rotation, strong (None: all)
-    seed: int = 0
-    batch_size_per_gpu: int = 128
-    output_dir: str = "outputs/copy_detection"
+    data_path: str = arg("", "with dataset copydays: the folder holding original/, strong/, jpegqual/<q>/, "
+                             "crops/<p>/; without: images to copy (image folder, path list or Parquet)")
+    dataset: Optional[str] = arg(None, "copydays, or the generic mode (default)")
+    whitening_path: Optional[str] = arg(None, "images the PCA whitening is learned on (generic mode default: the "
+                                              "images after the originals)")
+    distractors_path: Optional[str] = arg(None, "images added to the database")
+    imsize: int = arg(320, "images are resized to imsize x imsize")
+    num_originals: Optional[int] = arg(None, "generic mode: originals (default: half the images)")
+    max_images: Optional[int] = arg(None, "generic mode: the first N images only")
+    edits: Optional[list[str]] = arg(None, "generic mode: the edits to make copies with, of crop, jpeg, colour, "
+                                           "blur, rotation, strong (default: all)")
+    seed: int = arg(0, "generic mode: the copies' random edits")
+    batch_size_per_gpu: int = arg(128, "images per forward pass")
+    output_dir: str = arg("outputs/copy_detection", "where copy_detection.json goes")
 
     def problems(self) -> list[str]:
         problems = super().problems() + ([] if self.data_path else ["data_path is required"])
@@ -44,9 +47,15 @@ def copy_detection_job(args: CopyDetectionArgs) -> dict[str, Any]:
     from torchvision import transforms
     from tqdm.auto import tqdm
 
-    from dino_ray.data.augment import normalize
-    from dino_ray.eval.copy_detection import EDITS, copy_descriptor, copy_scores, learn_whitening, make_copies, \
-        read_copydays
+    from dino_ray.core.data.augment import normalize
+    from dino_ray.eval.copy_detection import (
+        EDITS,
+        copy_descriptor,
+        copy_scores,
+        learn_whitening,
+        make_copies,
+        read_copydays,
+    )
 
     unknown = [edit for edit in args.edits or () if edit not in EDITS]
     if unknown:
@@ -120,7 +129,7 @@ def copies_figure(originals: list, copies: dict[str, list], path: Path, size: in
 
 def pictures_of(path: str | Path, max_images: Optional[int] = None) -> list:
     """The RGB pictures of a plain image folder, an ImageFolder tree or Parquet rows (those that decode)."""
-    from dino_ray.data.datasets import build_dataset, image_files, is_parquet
+    from dino_ray.core.data.datasets import build_dataset, image_files, is_parquet
 
     if Path(path).is_dir() and not is_parquet(path) and any(p.is_file() for p in Path(path).iterdir()):
         return load_rgb(image_files(path)[:max_images])

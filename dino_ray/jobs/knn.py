@@ -3,61 +3,55 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from dino_ray.config import below
+from dino_ray.core.args import arg, below
+from dino_ray.eval.args import SplitData
 from dino_ray.jobs.common import WeightsArgs, backbone_spec, eval_tracking_uri, resolve, track
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class KnnArgs(WeightsArgs):
+class KnnArgs(SplitData, WeightsArgs):
     """``eval_knn.py``'s flags (same names and defaults), plus Ray's sharding and image sizes for small images."""
-    data_path: Optional[str] = None  # a folder with train/ and val/
-    train_data_path: Optional[str] = None  # overrides data_path/train (ImageFolder or Parquet)
-    val_data_path: Optional[str] = None
-    nb_knn: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
-    temperature: float = 0.07
-    image_size: Optional[int] = None  # centre-crop size (default: the pretraining's)
-    resize_size: Optional[int] = None
-    max_train_images: Optional[int] = None
-    max_val_images: Optional[int] = None
-    batch_size_per_gpu: int = 128
-    num_workers: int = 10
-    use_ray: bool = True  # features in Ray tasks (one per CPU or GPU), else in this process
-    num_shards: Optional[int] = None
-    dump_features: Optional[str] = None
-    load_features: Optional[str] = None
-    output_dir: str = "outputs/knn"
+    nb_knn: list[int] = arg(help="numbers of neighbours k", factory=lambda: [10, 20, 100, 200])
+    temperature: float = arg(0.07, "temperature of the neighbours' weights")
+    image_size: Optional[int] = arg(None, "centre-crop size (default: the pretraining's)")
+    resize_size: Optional[int] = arg(None, "resize before the crop (default: 256/224 x image_size)")
+    max_train_images: Optional[int] = arg(None, "the first N training images only")
+    max_val_images: Optional[int] = arg(None, "the first N validation images only")
+    batch_size_per_gpu: int = arg(128, "images per forward pass")
+    num_workers: int = arg(10, "data-loading processes")
+    use_ray: bool = arg(True, "run in this process, without Ray", flag="--no-ray")
+    num_shards: Optional[int] = arg(None, "Ray tasks per split (default: one per CPU/GPU)")
+    dump_features: Optional[str] = arg(None, "folder to save the features in (Parquet)")
+    load_features: Optional[str] = arg(None, "folder to load saved features from")
+    output_dir: str = arg("outputs/knn", "where knn.json goes")
 
     def problems(self) -> list[str]:
         problems = super().problems()
-        if not self.load_features and not (self.data_path or (self.train_data_path and self.val_data_path)):
+        if not self.load_features and not (self.split("train") and self.split("val")):
             problems.append("data_path (or train_data_path and val_data_path, or load_features) is required")
         problems += below(self, ("nb_knn", "image_size", "resize_size", "max_train_images", "max_val_images",
                                  "batch_size_per_gpu", "num_shards"), 1)
         return problems + below(self, ("temperature", "num_workers"), 0)
 
-    def split(self, name: str) -> str:
-        """The ``train`` or ``val`` images: the split's own path, else ``data_path/<name>``."""
-        return getattr(self, f"{name}_data_path") or str(Path(self.data_path) / name)
-
 
 def knn_job(args: KnnArgs) -> dict[str, Any]:
     """Weighted k-NN of frozen features (features from Ray tasks, or in this process); returns the record
     written to ``output_dir/knn.json``."""
-    from dino_ray.data.augment import eval_transform
-    from dino_ray.data.datasets import build_dataset
-    from dino_ray.eval.features import backbone_from_weights
+    from dino_ray.core.data.augment import eval_transform
+    from dino_ray.core.data.datasets import build_dataset
+    from dino_ray.core.models.build import backbone_from_checkpoint
     from dino_ray.eval.knn import evaluate_knn, knn_classifiers
 
     out = Path(args.output_dir)
     weights = resolve(args.pretrained_weights, args.tracking_uri, args.checkpoint, out)
     spec = backbone_spec(args, weights)
-    backbone, shape = backbone_from_weights(**spec)
+    backbone, shape = backbone_from_checkpoint(**spec)
     size = args.image_size or shape["image_size"]
     if args.load_features or not args.use_ray:
         transform = eval_transform(size, args.resize_size)
@@ -68,8 +62,8 @@ def knn_job(args: KnnArgs) -> dict[str, Any]:
         results = evaluate_knn(backbone, train_set, val_set, args.nb_knn, args.temperature, args.batch_size_per_gpu,
                                args.num_workers, args.dump_features, args.load_features)
     else:
-        from dino_ray.eval.ray_features import extract_features_on_ray
-        from dino_ray.ray_session import ray_session
+        from dino_ray.platform.ray_features import extract_features_on_ray
+        from dino_ray.platform.ray_session import ray_session
 
         folder = Path(args.dump_features) if args.dump_features else out / "features"
         with ray_session():

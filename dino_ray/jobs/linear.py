@@ -1,5 +1,5 @@
 """``dino-ray eval-linear``: the linear probe on frozen features (the reference's ``eval_linear.py``), on the Ray
-Train wrapper (``dino_ray.ray_train``: checkpoints every epoch, a stopped job resumes) or in this process."""
+Train wrapper (``dino_ray.platform.ray_train``: checkpoints every epoch, a stopped job resumes) or in this process."""
 from __future__ import annotations
 
 import json
@@ -9,8 +9,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from dino_ray.config import below, check
-from dino_ray.eval.linear_args import LinearArgs
+from dino_ray.core.args import arg, below, check
+from dino_ray.eval.args import LinearArgs
 from dino_ray.jobs.common import eval_tracking_uri, metric_step, resolve, track
 
 log = logging.getLogger(__name__)
@@ -19,11 +19,12 @@ log = logging.getLogger(__name__)
 @dataclass
 class LinearLaunch:
     """How the probe runs (``LinearArgs``: what it computes) and which store and checkpoint its weights come from."""
-    use_ray: bool = True  # a Ray Train job; False: in this process
-    ray_workers: int = 1
-    max_failures: int = 0  # worker failures the job survives (-1: retry forever)
-    tracking_uri: Optional[str] = None
-    checkpoint: Optional[str] = None  # with a run id: which logged checkpoint (default: the latest)
+    use_ray: bool = arg(True, "run in this process, without Ray", flag="--no-ray")
+    ray_workers: int = arg(1, "Ray Train workers")
+    max_failures: int = arg(3, "worker failures the job survives, restarting from its checkpoint (-1: forever)")
+    tracking_uri: Optional[str] = arg(None, "MLflow store (default: $MLFLOW_TRACKING_URI, else the pretraining's "
+                                            "store, else sqlite under output_dir)")
+    checkpoint: Optional[str] = arg(None, "with an MLflow run: which logged checkpoint (default: the latest)")
 
     def __post_init__(self) -> None:
         check(self)
@@ -34,53 +35,43 @@ class LinearLaunch:
 
 def _linear_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker: ``run_linear`` with checkpoints through ``ray.train.report``; rank 0 tracks."""
-    from dino_ray.ray_train import run_in_scratch
+    from dino_ray.platform.ray_train import run_in_scratch
 
     run_in_scratch("dino_ray_linear", lambda local: _linear_in(local, config))
 
 
 def _linear_in(local: Path, config: dict[str, Any]) -> None:
-    import ray.train
-
     from dino_ray.eval.linear import run_linear
-    from dino_ray.eval.weights import Weights
-    from dino_ray.ray_train import finishing, reported_files, restore_files
-    from dino_ray.tracking import RunTracker, eval_tracker
-    from dino_ray.train.checkpoint import RUN_ID_FILE
+    from dino_ray.platform.checkpoints import Weights
+    from dino_ray.platform.ray_train import worker_context
+    from dino_ray.platform.tracking.store import RUN_ID_FILE
 
-    files = ("checkpoint.pth", "log.txt", RUN_ID_FILE)
     args = LinearArgs(**config["args"])
-    rank = ray.train.get_context().get_world_rank()
-    restore_files(local, files)
-    tracker = None
     weights = Weights(Path(args.pretrained_weights), config["pretraining_run"], config["checkpoint_epoch"])
-    if rank == 0:
-        run_file = local / RUN_ID_FILE
-        if run_file.exists():
-            tracker = RunTracker(config["tracking_uri"], "", "", run_id=run_file.read_text().strip())  # continue it
-            tracker.parent_run_id = weights.run_id
-        else:
+
+    def open_tracker(resumed: Optional[str]) -> Any:
+        from dino_ray.platform.tracking.runs import RunTracker, eval_tracker  # rank 0 alone imports MLflow
+
+        if resumed is None:
             params = {k: v for k, v in asdict(args).items() if not isinstance(v, dict)}
-            tracker = eval_tracker(config["tracking_uri"], weights.run_id, "linear", params, epoch=weights.epoch)
-            if tracker.run_id:
-                run_file.write_text(tracker.run_id)
+            return eval_tracker(config["tracking_uri"], weights.run_id, "linear", params, epoch=weights.epoch)
+        tracker = RunTracker(config["tracking_uri"], "", "", run_id=resumed)
+        tracker.parent_run_id = weights.run_id
+        return tracker
+
+    worker = worker_context(local, ("checkpoint.pth", "log.txt", RUN_ID_FILE), open_tracker)
 
     def report(epoch: int, stats: dict[str, float], checkpoint_path: Path) -> None:
-        if rank != 0:
-            ray.train.report(stats)
-            return
-        tracker.log_metrics(stats, step=epoch)
-        with reported_files(local, files) as checkpoint:
-            ray.train.report(stats, checkpoint=checkpoint, checkpoint_dir_name=f"linear_epoch{epoch:04d}")
+        worker.report(stats, epoch, f"linear_epoch{epoch:04d}")
 
-    with finishing(tracker):
+    with worker.finishing():
         stats = run_linear(args, on_epoch_end=report, show_progress=False, work_dir=local)
-        if tracker is not None:
-            tracker.log_artifact(local / "checkpoint.pth", "linear_head")
-            tracker.log_artifact(local / "log.txt")
-            if tracker.parent_run_id:
-                tracker.log_metrics({"linear_top1": stats["best_acc1"]}, step=metric_step(weights),
-                                    run_id=tracker.parent_run_id)
+        if worker.tracker is not None:
+            worker.tracker.log_artifact(local / "checkpoint.pth", "linear_head")
+            worker.tracker.log_artifact(local / "log.txt")
+            if worker.tracker.parent_run_id:
+                worker.tracker.log_metrics({"linear_top1": stats["best_acc1"]}, step=metric_step(weights),
+                                           run_id=worker.tracker.parent_run_id)
 
 
 def linear_job(args: LinearArgs, launch: Optional[LinearLaunch] = None) -> dict[str, float]:
@@ -92,7 +83,7 @@ def linear_job(args: LinearArgs, launch: Optional[LinearLaunch] = None) -> dict[
     out = Path(args.output_dir).resolve()
     weights = resolve(args.pretrained_weights, launch.tracking_uri, launch.checkpoint, out)
     local = {k: str(Path(v).resolve()) if v and Path(v).exists() else v
-             for k, v in (("train_data_path", args.train_data_path), ("val_data_path", args.val_data_path),
+             for k, v in (("train_data_path", args.split("train")), ("val_data_path", args.split("val")),
                           ("head_weights", args.head_weights))}
     args = LinearArgs(**{**asdict(args), **local, "pretrained_weights": str(weights.path.resolve()),
                          "arch": args.arch or weights.arch, "patch_size": args.patch_size or weights.patch_size,
@@ -108,8 +99,8 @@ def linear_job(args: LinearArgs, launch: Optional[LinearLaunch] = None) -> dict[
               {k: v for k, v in stats.items() if isinstance(v, float)}, {"linear_top1": stats["best_acc1"]}, weights,
               uri, [])
     else:
-        from dino_ray.ray_session import ray_session
-        from dino_ray.ray_train import torch_trainer
+        from dino_ray.platform.ray_session import ray_session
+        from dino_ray.platform.ray_train import torch_trainer
 
         with ray_session():
             result = torch_trainer(_linear_per_worker,

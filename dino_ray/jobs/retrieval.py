@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from dino_ray.config import below
-from dino_ray.jobs.common import WeightsArgs, eval_tracking_uri, load_backbone, load_rgb, one_of, track
+from dino_ray.core.args import arg, below, one_of
+from dino_ray.jobs.common import WeightsArgs, eval_tracking_uri, load_backbone, load_rgb, track
 
 log = logging.getLogger(__name__)
 FIGURE_QUERIES, FIGURE_RESULTS = 5, 5
@@ -18,15 +18,17 @@ FIGURE_QUERIES, FIGURE_RESULTS = 5, 5
 @dataclass
 class RetrievalArgs(WeightsArgs):
     """``eval_image_retrieval.py``'s flags, plus the generic mode's."""
-    data_path: str = ""  # with dataset: the folder of <dataset>/jpg/ and gnd_<dataset>.pkl; else labelled images
-    dataset: Optional[str] = None  # roxford5k / rparis6k: the revisited protocol; None: the generic mode
-    multiscale: bool = False
-    imsize: int = 224  # with dataset: the longer side of every image
-    image_size: Optional[int] = None  # generic mode: the centre-crop size (default: the pretraining's)
-    max_images: Optional[int] = None
-    recall_at: list[int] = field(default_factory=lambda: [1, 5, 10])  # k of recall@k and mP@k
-    batch_size_per_gpu: int = 128
-    output_dir: str = "outputs/retrieval"
+    data_path: str = arg("", "with dataset: the folder holding <dataset>/jpg/*.jpg and <dataset>/gnd_<dataset>.pkl; "
+                             "without: labelled images (image folder, path list or Parquet)")
+    dataset: Optional[str] = arg(None, "roxford5k / rparis6k: the revisited protocol (medium and hard mAP); "
+                                       "default: the generic mode (mAP and recall@k, relevant = same label)")
+    multiscale: bool = arg(False, "descriptors averaged over 1, 1/sqrt(2), 1/2 scales")
+    imsize: int = arg(224, "with dataset: the longer side of every image")
+    image_size: Optional[int] = arg(None, "generic mode: centre-crop size (default: the pretraining's)")
+    max_images: Optional[int] = arg(None, "generic mode: the first N images only")
+    recall_at: list[int] = arg(help="k of recall@k and mP@k", factory=lambda: [1, 5, 10])
+    batch_size_per_gpu: int = arg(128, "images per forward pass")
+    output_dir: str = arg("outputs/retrieval", "where retrieval.json goes")
 
     def problems(self) -> list[str]:
         problems = super().problems() + ([] if self.data_path else ["data_path is required"])
@@ -42,11 +44,17 @@ def retrieval_job(args: RetrievalArgs) -> dict[str, Any]:
     from PIL import Image
     from tqdm.auto import tqdm
 
-    from dino_ray.data.augment import eval_transform, normalize
-    from dino_ray.data.datasets import build_dataset
+    from dino_ray.core.data.augment import eval_transform, normalize
+    from dino_ray.core.data.datasets import build_dataset
     from dino_ray.eval.features import extract_features
-    from dino_ray.eval.retrieval import (generic_scores, global_descriptor, protocol_ground_truth, ranking,
-                                         read_revisited, revisited_scores)
+    from dino_ray.eval.retrieval import (
+        generic_scores,
+        global_descriptor,
+        protocol_ground_truth,
+        ranking,
+        read_revisited,
+        revisited_scores,
+    )
 
     out = Path(args.output_dir)
     weights, backbone, shape = load_backbone(args, out)

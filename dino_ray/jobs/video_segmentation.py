@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from dino_ray.config import below
+from dino_ray.core.args import arg, below
 from dino_ray.jobs.common import WeightsArgs, eval_tracking_uri, load_backbone, track
 
 log = logging.getLogger(__name__)
@@ -17,13 +17,13 @@ log = logging.getLogger(__name__)
 @dataclass
 class VideoSegmentationArgs(WeightsArgs):
     """``eval_video_segmentation.py``'s flags (same names and defaults)."""
-    data_path: str = ""  # DAVIS-2017 root: JPEGImages/480p/, Annotations/480p/, ImageSets/2017/val.txt
-    videos: Optional[list[str]] = None  # default: those of ImageSets/2017/val.txt
-    size: int = 480  # frames' shorter side (the longer rounded down to 64)
-    n_last_frames: int = 7  # previous frames propagated from
-    size_mask_neighborhood: int = 12  # patches apart a label may travel
-    topk: int = 5  # source patches kept per target patch
-    output_dir: str = "outputs/davis"
+    data_path: str = arg("", "DAVIS-2017 root: JPEGImages/480p/, Annotations/480p/, ImageSets/2017/val.txt")
+    videos: Optional[list[str]] = arg(None, "default: those of ImageSets/2017/val.txt")
+    size: int = arg(480, "frames' shorter side (the longer rounded down to 64)")
+    n_last_frames: int = arg(7, "previous frames propagated from")
+    size_mask_neighborhood: int = arg(12, "patches apart a label may travel")
+    topk: int = arg(5, "source patches kept per target patch")
+    output_dir: str = arg("outputs/davis", "predicted masks <video>/NNNNN.png and davis.json go here")
 
     def problems(self) -> list[str]:
         problems = super().problems() + ([] if self.data_path else ["data_path is required"])
@@ -38,8 +38,14 @@ def video_segmentation_job(args: VideoSegmentationArgs) -> dict[str, Any]:
     from PIL import Image
     from tqdm.auto import tqdm
 
-    from dino_ray.eval.video_segmentation import (davis_frames, davis_palette, davis_scores, davis_videos,
-                                                  read_labels, segment_video)
+    from dino_ray.eval.video_segmentation import (
+        davis_frames,
+        davis_palette,
+        davis_scores,
+        davis_videos,
+        read_labels,
+        segment_video,
+    )
 
     out, data_path = Path(args.output_dir), args.data_path
     weights, backbone, shape = load_backbone(args, out, vit_only=True)

@@ -1,0 +1,1 @@
+"""Image data without Ray: datasets (image folders, path lists, Parquet), the multi-crop augmentations, conversion."""

@@ -1,0 +1,199 @@
+"""The DINO training loop, readable top to bottom beside ``main_dino.py`` of the reference.
+
+``train_dino(cfg)`` runs in one process, or unchanged on every rank of a ``torch.distributed``
+group (gloo on CPU, NCCL on GPU) that a launcher (Ray Train, torchrun) has set up. It builds the
+multi-crop data, the step (``DINOStep``: networks, loss, optimizer) and the schedules, resumes from
+``output_dir/checkpoint.pth`` when present, and then per epoch trains, writes the checkpoints and
+appends one JSON line to ``log.txt``. The model math of an iteration lives in ``dino_ray.core.train.step``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Protocol
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from dino_ray.core.config import ConfigError, DINOConfig, save_config
+from dino_ray.core.data.datasets import build_dataset
+from dino_ray.core.data.loader import build_loader
+from dino_ray.core.data.views import build_augmentation, collate_views
+from dino_ray.core.optim import cosine_scheduler
+from dino_ray.core.ranks import rank_and_world, seed_everything
+from dino_ray.core.train.checkpoint import (
+    kept_epoch,
+    load_checkpoint,
+    restore_training_state,
+    save_checkpoint,
+    training_state,
+)
+from dino_ray.core.train.step import DINOStep, build_step
+
+log = logging.getLogger(__name__)
+
+EpochCallback = Callable[[int, dict[str, Any], Path], None]
+StepCallback = Callable[[int, dict[str, float]], None]
+
+
+class EpochBatches(Protocol):
+    """One epoch of ``(views, labels, number_skipped)`` batches and its length: a DataLoader or a Ray Data shard."""
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterable[tuple[Optional[list[torch.Tensor]], torch.Tensor, int]]: ...
+
+
+def memory_stats(device: torch.device) -> dict[str, float]:
+    """Peak host memory of this process (and peak CUDA memory on GPU), in MiB."""
+    stats = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
+    if device.type == "cuda":
+        stats["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return stats
+
+
+@dataclass
+class Schedules:
+    """One value per iteration of the whole run: the reference's cosine schedules."""
+    lr: np.ndarray
+    wd: np.ndarray
+    momentum: np.ndarray
+
+    def at(self, iteration: int) -> dict[str, float]:
+        # python floats: numpy scalars in the optimizer state would need an unpickling allow-list
+        return {"lr": float(self.lr[iteration]), "wd": float(self.wd[iteration]),
+                "momentum_teacher": float(self.momentum[iteration])}
+
+
+def build_schedules(cfg: DINOConfig, niter_per_ep: int, world_size: int) -> Schedules:
+    """The reference's linear scaling rule: lr * total batch / 256 (min_lr is not scaled)."""
+    base_lr = cfg.lr * cfg.batch_size_per_gpu * world_size / 256.0
+    return Schedules(
+        lr=cosine_scheduler(base_lr, cfg.min_lr, cfg.epochs, niter_per_ep, warmup_epochs=cfg.warmup_epochs),
+        wd=cosine_scheduler(cfg.weight_decay, cfg.weight_decay_end, cfg.epochs, niter_per_ep),
+        momentum=cosine_scheduler(cfg.momentum_teacher, cfg.momentum_teacher_end, cfg.epochs, niter_per_ep),
+    )
+
+
+def set_schedules(optimizer: torch.optim.Optimizer, values: dict[str, float]) -> None:
+    """This iteration's lr on every group, its weight decay on the decayed group (the first) only."""
+    for j, group in enumerate(optimizer.param_groups):
+        group["lr"] = values["lr"]
+        if j == 0:
+            group["weight_decay"] = values["wd"]
+
+
+def train_one_epoch(step: DINOStep, loader: EpochBatches, schedules: Schedules, epoch: int,
+                    show_progress: bool = False, on_step: Optional[StepCallback] = None) -> dict[str, float]:
+    """One pass over ``loader``; returns the epoch's mean loss, monitors, last schedule values, timings and memory.
+
+    ``on_step(global_iteration, metrics)`` is called every ``log_freq`` iterations (the reference's
+    MetricLogger cadence) with that iteration's loss, schedules, timings and memory.
+    """
+    cfg, device = step.cfg, next(step.student.parameters()).device
+    loss_sum = images_seen = skipped = steps = 0
+    data_seconds = step_seconds = 0.0
+    monitors = torch.zeros(2, device=device)  # summed on the device, read at log steps only
+    bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", disable=not show_progress, leave=False)
+    epoch_start = tick = time.perf_counter()
+    for i, (images, _, bad) in enumerate(bar):
+        data_time = time.perf_counter() - tick
+        skipped += bad
+        if images is None:  # every image of this batch failed to decode
+            continue
+        it = len(loader) * epoch + i  # global iteration
+        values = schedules.at(it)
+        set_schedules(step.optimizer, values)
+        out = step.forward_backward([im.to(device, non_blocking=True) for im in images], epoch, i)
+        step.update_teacher(values["momentum_teacher"])
+        step_time = time.perf_counter() - tick - data_time
+        steps, loss_sum, images_seen = steps + 1, loss_sum + out.loss, images_seen + len(images[0])
+        data_seconds, step_seconds = data_seconds + data_time, step_seconds + step_time
+        monitors += out.monitors
+        if i % cfg.log_freq == 0 or i == len(loader) - 1:
+            bar.set_postfix(loss=f"{out.loss:.4f}", lr=f"{values['lr']:.2e}")
+            if on_step is not None:
+                entropy, kl = out.monitors.tolist()
+                on_step(it, {"epoch": epoch + (i + 1) / len(loader), "loss": out.loss, "teacher_entropy": entropy,
+                             "kl_teacher_student": kl, **values,
+                             "teacher_temp": float(step.dino_loss.teacher_temp_schedule[epoch]),
+                             "images_per_s": len(images[0]) / (step_time + data_time), "step_time": step_time,
+                             "data_time": data_time, **memory_stats(device)})
+        tick = time.perf_counter()
+    if steps == 0:
+        raise ValueError(f"epoch {epoch}: no image of '{cfg.data_path}' could be decoded")
+    seconds = time.perf_counter() - epoch_start
+    entropy, kl = (value / steps for value in monitors.tolist())
+    return {"loss": loss_sum / steps, "teacher_entropy": entropy, "kl_teacher_student": kl,  # collapse monitors
+            **schedules.at(len(loader) * (epoch + 1) - 1),
+            "teacher_temp": float(step.dino_loss.teacher_temp_schedule[epoch]),
+            "images_per_s": images_seen / seconds, "epoch_seconds": seconds, "data_time": data_seconds / steps,
+            "step_time": step_seconds / steps, "skipped_images": skipped, **memory_stats(device)}
+
+
+def train_dino(cfg: DINOConfig, resume_from: Optional[str | Path] = None,
+               on_epoch_end: Optional[EpochCallback] = None, show_progress: bool = True,
+               on_step: Optional[StepCallback] = None, work_dir: Optional[str | Path] = None,
+               epoch_batches: Optional[Callable[[int], EpochBatches]] = None) -> dict[str, Any]:
+    """Pretrain with DINO; returns the last epoch's stats. ``on_epoch_end(epoch, stats, checkpoint_path)``
+    runs on every rank after the checkpoint is written (a hook for launchers and trackers); ``on_step``
+    on rank 0 every ``log_freq`` iterations (see ``train_one_epoch``). Files go to ``work_dir`` when
+    given (a launcher's scratch folder), else ``cfg.output_dir``; the checkpoint's ``args`` stay ``cfg``.
+    ``epoch_batches(epoch)``: another input than the DataLoader over ``cfg.data_path`` (Ray Data's shards)."""
+    rank, world_size = rank_and_world()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    output_dir = Path(work_dir or cfg.output_dir)
+    if rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, output_dir / "config.yaml")
+    if device.type == "cpu" and (cfg.use_fp16 or cfg.use_bf16) and rank == 0:
+        log.info("mixed precision is for CUDA only: training in fp32 on CPU")
+
+    if epoch_batches is None:
+        if cfg.data_loader != "torch":
+            raise ConfigError(f"data_loader: {cfg.data_loader} streams from a Ray cluster: run `dino-ray pretrain` "
+                              f"without --no-ray, or set data_loader: torch")
+        dataset = build_dataset(cfg.data_path, None, cfg.max_images)
+        collate = partial(collate_views, augmentation=build_augmentation(cfg))
+
+        def epoch_batches(epoch: int) -> EpochBatches:
+            return build_loader(cfg, rank, world_size, epoch, dataset, collate)
+    niter_per_ep = len(epoch_batches(0))
+    step = build_step(cfg, device, world_size, niter_per_ep)
+    schedules = build_schedules(cfg, niter_per_ep, world_size)
+
+    start_epoch = 0
+    checkpoint_path = Path(resume_from) if resume_from else output_dir / "checkpoint.pth"
+    if checkpoint_path.exists():
+        start_epoch = restore_training_state(load_checkpoint(checkpoint_path), step.student, step.teacher,
+                                             step.optimizer, step.dino_loss, step.scaler)
+        if rank == 0:
+            log.info("resumed from %s at epoch %d", checkpoint_path, start_epoch)
+    elif resume_from:
+        raise FileNotFoundError(f"resume_from '{resume_from}' does not exist")
+
+    stats: dict[str, Any] = {}
+    for epoch in range(start_epoch, cfg.epochs):
+        seed_everything(cfg.seed, rank, epoch)  # whatever the input: drop-path masks and augmentations per rank
+        stats = train_one_epoch(step, epoch_batches(epoch), schedules, epoch, show_progress and rank == 0,
+                                on_step if rank == 0 else None)
+        latest = output_dir / "checkpoint.pth"
+        if rank == 0:
+            state = training_state(step.student, step.teacher, step.optimizer, step.dino_loss, step.scaler,
+                                   epoch + 1, cfg.to_dict())
+            save_checkpoint(state, latest)
+            if kept_epoch(epoch, cfg.saveckp_freq):
+                save_checkpoint(state, output_dir / f"checkpoint{epoch:04}.pth")
+            with open(output_dir / "log.txt", "a") as f:
+                f.write(json.dumps({**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch}) + "\n")
+            log.info("epoch %d/%d: loss %.4f, %.1f images/s; checkpoint %s", epoch, cfg.epochs, stats["loss"],
+                     stats["images_per_s"], latest)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, stats, latest)
+    return stats

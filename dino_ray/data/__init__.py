@@ -1,1 +1,0 @@
-"""Multi-crop augmentation and image datasets (ImageFolder, Parquet)."""

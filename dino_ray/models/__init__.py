@@ -1,1 +1,0 @@
-"""Backbones, the DINO head, the multi-crop wrapper and official weights."""
