@@ -15,7 +15,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e ".[ray,test,video]"
+	$(BIN)/pip install -q -e ".[ray,test,video,export]"
 	touch $@
 
 venv: $(BIN)/.installed

@@ -14,7 +14,7 @@ import sys
 from types import UnionType
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
-from dino_ray.core.args import build_args
+from dino_ray.core.args import RunFailed, build_args
 
 log = logging.getLogger("dino_ray")
 
@@ -30,10 +30,15 @@ COMMANDS = {
                       "dino_ray.jobs.sync_tracking:SyncTrackingArgs", "dino_ray.jobs.sync_tracking:sync_tracking_job"),
     "convert-data": ("image files into Parquet shards",
                      "dino_ray.jobs.convert:ConvertArgs", "dino_ray.jobs.convert:convert_data_job"),
+    "export": ("the teacher backbone as safetensors, TorchScript or ONNX, with a JSON of what it needs",
+               "dino_ray.jobs.export:ExportArgs", "dino_ray.jobs.export:export_job"),
+    "embed": ("embeddings of a folder of images (Parquet), or the nearest images of a query",
+              "dino_ray.jobs.embed:EmbedArgs", "dino_ray.jobs.embed:embed_job"),
     "eval-knn": ("weighted k-NN evaluation (eval_knn.py) of frozen features",
                  "dino_ray.jobs.knn:KnnArgs", "dino_ray.jobs.knn:knn_job"),
     "eval-linear": ("linear probe on frozen features (eval_linear.py), on Ray Train",
-                    "dino_ray.eval.args:LinearArgs+dino_ray.jobs.linear:LinearLaunch", "dino_ray.jobs.linear:linear_job"),
+                    "dino_ray.eval.args:LinearArgs+dino_ray.jobs.linear:LinearLaunch",
+                    "dino_ray.jobs.linear:linear_job"),
     "eval-retrieval": ("image retrieval (eval_image_retrieval.py): revisited Oxford / Paris, or any labelled images",
                        "dino_ray.jobs.retrieval:RetrievalArgs", "dino_ray.jobs.retrieval:retrieval_job"),
     "eval-copy-detection": ("copy detection (eval_copy_detection.py): Copydays, or copies made from any images",
@@ -127,6 +132,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ValueError, OSError, FloatingPointError) as exc:  # OSError: missing files, full disks, no server
         log.error("%s", exc)
         return 2
+    except RunFailed as exc:
+        log.error("the run failed: %s", exc)
+        return 1
     return 0
 
 

@@ -84,3 +84,16 @@ def pytest_sessionfinish(session, exitstatus):
         reporter.write_line(f"{len(skipped)} test(s) skipped: every test must run (see the skip reasons above)",
                             red=True)
         session.exitstatus = 1
+
+
+def write_images(folder: Path, count: int, start: int = 0, classes: bool = False) -> list[Path]:
+    """``count`` real CIFAR-10 images of the sample as JPEG files under ``folder`` (``<class>/`` subfolders when
+    ``classes``): a user's own folder of photos."""
+    table = pq.read_table(SAMPLE / "train.parquet").slice(start, count)
+    written = []
+    for i, (data, label) in enumerate(zip(table.column("image").to_pylist(), table.column("label").to_pylist())):
+        path = folder / (f"class{label}" if classes else "") / f"img{start + i:05d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        written.append(path)
+    return written

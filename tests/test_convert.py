@@ -39,6 +39,7 @@ def read_rows(target):
 def test_image_folder_round_trips_labels_and_pixels_and_resumes(tmp_path, monkeypatch):
     pixels = make_image_folder(tmp_path / "src")
     summary = convert_images(tmp_path / "src", tmp_path / "out", rows_per_shard=5)
+    # notes.txt is left out by its name, broken.jpg when it does not decode: both named in the report
     assert summary == {"rows": 12, "skipped": 2, "shards": 3, "classes": 3, "target": str(tmp_path / "out")}
     rows = read_rows(tmp_path / "out")
     assert sorted(row["path"] for row in rows) == sorted(pixels)
@@ -56,10 +57,10 @@ def test_image_folder_round_trips_labels_and_pixels_and_resumes(tmp_path, monkey
     # a rerun writes shard 2 alone and still reports the files that shards 0 and 1 left out
     real_convert_shard = convert.convert_shard
 
-    def dies_on_the_last_shard(root, files, labels, target):
+    def dies_on_the_last_shard(root, files, target):
         if target.endswith(shard_name(2)):
             raise KeyboardInterrupt
-        real_convert_shard(root, files, labels, target)
+        real_convert_shard(root, files, target)
 
     monkeypatch.setattr(convert, "convert_shard", dies_on_the_last_shard)
     with pytest.raises(KeyboardInterrupt):
@@ -91,7 +92,7 @@ def test_ray_tasks_write_the_same_shards_and_a_file_list_works(tmp_path, tiny_cf
     ray.init(num_cpus=2, log_to_driver=False)
     try:
         summary = convert_job(tmp_path / "src", tmp_path / "ray", rows_per_shard=5)
-        for source, listed in [(tmp_path / "src", 14), (tmp_path / "ray", 12)]:
+        for source, listed in [(tmp_path / "src", 13), (tmp_path / "ray", 12)]:  # notes.txt is left out by name
             assert count_images(str(source)) == listed and count_images(str(source), 3) == 3
             rows = image_dataset(str(source)).map_batches(multicrop_batch, fn_kwargs={"config": config},
                                                           batch_format="numpy", batch_size=4).take_all()
@@ -102,11 +103,10 @@ def test_ray_tasks_write_the_same_shards_and_a_file_list_works(tmp_path, tiny_cf
     assert summary["rows"] == 12 and read_rows(tmp_path / "ray") == read_rows(tmp_path / "here")
     assert json.loads((tmp_path / "ray" / PLAN_FILE).read_text())["classes"] == CLASSES
 
-    (tmp_path / "src" / "list.txt").write_text("ship/1.png\ncat/0.png\ndog/broken.jpg\n")
+    (tmp_path / "src" / "list.txt").write_text("ship/1.png\ncat/0.png\ndog/broken.jpg\nship/404.png\n")
     summary = convert_images(tmp_path / "src" / "list.txt", tmp_path / "listed")
-    assert summary["rows"] == 2 and summary["skipped"] == 1
-    # labels come from the listed classes, whether or not a file of the class decodes: cat 0, dog 1, ship 2
-    assert [(r["path"], r["label"]) for r in read_rows(tmp_path / "listed")] == [("cat/0.png", 0), ("ship/1.png", 2)]
-    (tmp_path / "src" / "bad_list.txt").write_text("ship/1.png\nship/404.png\n")
-    with pytest.raises(FileNotFoundError, match="ship/404.png"):
-        convert_images(tmp_path / "src" / "bad_list.txt", tmp_path / "bad")
+    assert summary["rows"] == 2 and summary["skipped"] == 2  # a path list has no labels: -1
+    assert [(r["path"], r["label"]) for r in read_rows(tmp_path / "listed")] == [("ship/1.png", -1), ("cat/0.png", -1)]
+    with open(tmp_path / "listed" / SKIPPED_FILE) as report:
+        reasons = {row["path"]: row["reason"] for row in csv.DictReader(report)}
+    assert reasons["ship/404.png"].startswith("FileNotFoundError") and "dog/broken.jpg" in reasons

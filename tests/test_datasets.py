@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from dino_ray.core.data.augment import DataAugmentationDINO, eval_transform
-from dino_ray.core.data.datasets import ParquetImageDataset, SafeImageFolder, build_dataset, collate_skipping_bad
+from dino_ray.core.data.datasets import ImageFiles, ParquetImageDataset, build_dataset, collate_skipping_bad
 
 
 def test_parquet_rows_decode_with_labels(cifar_rows):
@@ -41,7 +41,7 @@ def test_image_folder_skips_unreadable_file(tmp_path, caplog):
             Image.new("RGB", (20, 20), (i * 100, 50, 50)).save(tmp_path / cls / f"{i}.png")
     (tmp_path / "dog" / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
     ds = build_dataset(tmp_path)
-    assert isinstance(ds, SafeImageFolder) and ds.classes == ["cat", "dog"] and len(ds) == 5
+    assert isinstance(ds, ImageFiles) and ds.classes == ["cat", "dog"] and len(ds) == 5
     with caplog.at_level(logging.WARNING):
         results = [ds[i] for i in range(len(ds))]
     assert sum(r is None for r in results) == 1 and "broken.jpg" in caplog.text
@@ -51,7 +51,7 @@ def test_missing_path_and_missing_columns_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="data_path '.*nowhere' does not exist"):
         build_dataset(tmp_path / "nowhere")
     pq.write_table(pa.table({"pixels": [b"x"]}), tmp_path / "wrong.parquet")
-    with pytest.raises(ValueError, match=r"lacks column\(s\) \['image', 'label'\]"):
+    with pytest.raises(ValueError, match=r"lacks the 'image' column"):
         build_dataset(tmp_path / "wrong.parquet")
 
 

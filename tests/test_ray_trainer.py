@@ -3,6 +3,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,13 +25,15 @@ import mlflow.pytorch  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from dino_ray import build_backbone, load_pretrained_weights  # noqa: E402
+from dino_ray.core.args import ConfigError, RunFailed  # noqa: E402
 from dino_ray.core.storage import fetch  # noqa: E402
 from dino_ray.core.train.loop import train_dino  # noqa: E402
 from dino_ray.platform import trainer as ray_trainer  # noqa: E402
 from dino_ray.platform.checkpoints import resolve_checkpoint  # noqa: E402
 from dino_ray.platform.ray_data import count_images, image_dataset  # noqa: E402
+from dino_ray.platform.ray_train import torch_trainer  # noqa: E402
 from dino_ray.platform.tracking.store import tracking_uri  # noqa: E402
-from dino_ray.platform.trainer import pretrain_on_ray  # noqa: E402
+from dino_ray.platform.trainer import check_cluster_paths, pretrain_on_ray  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -158,14 +161,14 @@ def test_checkpoints_and_artifacts_on_s3_and_a_resume_from_there_alone(local_ray
 
     # --resume-from a file of this machine into a new run: the workers read the copy staged in the run's storage
     local = fetch(f"{s3_server}/ray_results/s3run/checkpoint_epoch0002/checkpoint.pth", tmp_path / "here")
-    stage = ray_trainer.staged_resume
+    stage = ray_trainer.stage
 
     def stage_then_delete(*args, **kwargs):
         staged = stage(*args, **kwargs)
         local.unlink()  # from now on only the storage has it, as for a worker on another node
         return staged
 
-    monkeypatch.setattr(ray_trainer, "staged_resume", stage_then_delete)
+    monkeypatch.setattr(ray_trainer, "stage", stage_then_delete)
     moved = dataclasses.replace(on_s3(4), run=dataclasses.replace(on_s3(4).run, name="s3moved"))
     result = pretrain_on_ray(moved, resume_from=str(local))
     assert result.error is None and not local.exists()
@@ -243,3 +246,93 @@ def test_tracking_server_killed_and_restarted_mid_run_loses_nothing(local_ray, t
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(each.pid, signal.SIGKILL)
     assert not (tmp_path / "served" / "mlflow.db").exists()  # the server was used, not the embedded store
+
+
+def test_two_ray_train_workers_with_batchnorm_train_what_one_process_trains(local_ray, tmp_path):
+    """Ray Train's own gloo group (2 CPU workers), the CIFAR ResNet with its BN head: synchronised BatchNorm makes
+    2 x 8 images train the model 1 x 16 trains (tests/test_world_size.py runs every family on forked ranks)."""
+    from .test_world_size import FAMILIES, config, difference, handed_in, ray_train_rank
+
+    family = FAMILIES["resnet_bn_head_sinkhorn"]
+    one = config(family, 1, tmp_path)
+    train_dino(one, show_progress=False, epoch_batches=handed_in(one, 0))  # here: no fork beside Ray's threads
+    two = config(family, 2, tmp_path)
+    result = torch_trainer(ray_train_rank, {"config": two.to_dict()}, name="equivalence",
+                           storage_path=str(tmp_path / "ray_results"), num_workers=2).fit()
+    assert result.error is None
+    error = difference(torch.load(f"{one.output_dir}/checkpoint.pth", weights_only=True),
+                       torch.load(f"{two.output_dir}/checkpoint.pth", weights_only=True))
+    print(f"2 Ray Train workers vs 1 process: {error:.2e} of the update")
+    assert error < 1e-5
+
+
+def test_with_the_shipped_failure_defaults_a_killed_worker_costs_only_a_restart(local_ray, tiny_cfg, tmp_path):
+    """No failure settings given: a training worker SIGKILLed (an OOM kill, a crash) after epoch 1 restarts
+    the run from its latest checkpoint and the run finishes; every epoch once in the checkpoint's lineage and in
+    MLflow, one MLflow run, FINISHED."""
+    from ray.util.state import list_actors
+
+    cfg = tiny_cfg(epochs=5, batch_size_per_gpu=8, scaling={"num_workers": 2}, output_dir=str(tmp_path / "killed"))
+    assert cfg.failure.max_failures == 3 and cfg.failure.max_preemption_failures == -1
+    run_dir = tmp_path / "killed" / "ray_results" / "killed"
+    killed = []
+
+    def kill_a_worker():
+        wait_for(run_dir / "checkpoint_epoch0001")
+        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        os.kill(workers[-1].pid, signal.SIGKILL)
+        killed.append(workers[-1].pid)
+
+    killer = threading.Thread(target=kill_a_worker)
+    killer.start()
+    result = pretrain_on_ray(cfg)
+    killer.join()
+    assert killed and result.error is None
+    with result.checkpoint.as_directory() as folder:
+        assert [json.loads(line)["epoch"] for line in open(f"{folder}/log.txt")] == [0, 1, 2, 3, 4]
+    client = MlflowClient(tracking_uri(cfg))
+    (run,) = client.search_runs([client.get_experiment_by_name("dino-ray").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == [0, 1, 2, 3, 4]
+
+
+def test_a_deterministic_error_stops_the_run_with_its_message_and_mlflow_says_failed(local_ray, tiny_cfg,
+                                                                                     tmp_path):
+    """A learning rate that makes the loss non-finite fails the same way after the restart: the run stops there
+    (not after max_failures restarts), the error is the message, and the MLflow run is FAILED."""
+    cfg = tiny_cfg(epochs=3, lr=1e30, output_dir=str(tmp_path / "diverges"))
+    with pytest.raises(RunFailed, match=r"the same error twice from the start, not retried again: "
+                                        r"FloatingPointError: loss is nan at epoch 0"):
+        pretrain_on_ray(cfg)
+    client = MlflowClient(tracking_uri(cfg))
+    (run,) = client.search_runs([client.get_experiment_by_name("dino-ray").experiment_id])
+    assert run.info.status == "FAILED"
+
+
+def test_local_paths_a_machine_of_the_cluster_cannot_see_are_refused_before_any_worker_starts(local_ray, tiny_cfg,
+                                                                                            tmp_path):
+    """A second node joins the cluster from a mount namespace where the test's folder is an empty tmpfs, as
+    another machine's disk would be: the local storage and data paths are refused, naming the node; the same run
+    with both on a path every node shares (here /tmp itself) passes the check."""
+    hidden = tmp_path / "here_only"
+    hidden.mkdir()
+    shutil.copy(tiny_cfg().data_path, hidden / "rows.parquet")
+    ray_bin = Path(sys.executable).parent / "ray"
+    node = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                             f"mount -t tmpfs none {hidden} && exec {ray_bin} start --block --num-cpus=1 "
+                             f"--address={ray.get_runtime_context().gcs_address}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while len([n for n in ray.nodes() if n["Alive"]]) < 2 and time.time() < deadline:
+            time.sleep(0.5)
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2, "the second node did not join"
+        cfg = tiny_cfg(data_path=str(hidden / "rows.parquet"), output_dir=str(hidden / "run"))
+        with pytest.raises(ConfigError, match=r"several machines and data_path '.*here_only/rows.parquet' is not "
+                                              r"visible on .*; run.storage_path '.*here_only/run/ray_results' is not "
+                                              r"visible on .*: use a location every machine reads"):
+            check_cluster_paths(cfg)
+        check_cluster_paths(tiny_cfg())  # the fixture's rows and tmp_path: /tmp, seen by both nodes
+    finally:
+        os.killpg(node.pid, signal.SIGKILL)
+        node.wait()

@@ -19,6 +19,10 @@ class ConfigError(ValueError):
     """A config key or value that cannot be used; the message names it."""
 
 
+class RunFailed(RuntimeError):
+    """A run (on Ray Train) that ended in an error after its restarts; the message names the error and why."""
+
+
 def arg(default: Any = dataclasses.MISSING, help: str = "", *, factory: Optional[Callable[[], Any]] = None,
         **metadata: Any) -> Any:
     """A dataclass field with its command-line help (``metadata``: ``flag`` for another flag name, ``positional``)."""

@@ -52,11 +52,13 @@ class RunSection:
 
 @dataclass
 class FailureSection:
-    """Ray Train's FailureConfig: how many worker failures a run survives (restarting from its checkpoint)."""
-    max_failures: int = 0
+    """Ray Train's FailureConfig: how many worker failures a run survives, each time restarting from its latest
+    checkpoint (-1: forever). The same error again from the same checkpoint stops the run whatever these say."""
+    max_failures: int = 3  # a killed or crashed worker (an OOM kill, a lost on-demand node)
+    max_preemption_failures: int = -1  # a preempted (spot) node, counted apart: unlimited
 
     def problems(self) -> list[str]:
-        return below(self, ("max_failures",), -1)  # -1: retry forever
+        return below(self, ("max_failures", "max_preemption_failures"), -1)
 
 
 @dataclass
@@ -172,6 +174,11 @@ class DINOConfig:
     channels_last: bool = True  # convolutional backbones in channels-last memory: same math, ~1.3x faster on CPU
     torch_compile: bool = False  # torch.compile the student and teacher
     sync_bn: bool = True  # BatchNorm statistics over all ranks' images, as the reference (SyncBatchNorm; gloo on CPU)
+    profile_allreduce: bool = False  # time the gradient all-reduce apart from compute (synchronous: for measuring)
+    # --- continued pretraining (dino-ray) ---
+    init_from: Optional[str] = None  # start a new run from these weights: a full checkpoint, a backbone, a run...
+    # epochs the backbone stays frozen while a fresh head learns; None: 1 when init_from gives a backbone only
+    freeze_backbone_epochs: Optional[float] = None
     max_images: Optional[int] = None  # use only the first N images of data_path
     data_loader: str = "torch"  # torch: DataLoader + DistributedSampler (the reference); ray_data: Ray Data tasks
     augmentation: str = "reference"  # reference: PIL image by image; batched: tensor ops on a batch (same views)
@@ -257,7 +264,8 @@ def _data_problems(cfg: DINOConfig) -> list[str]:
             problems.append(f"{key} must satisfy 0 < min <= max <= 1, got {[lo, hi]}")
     if cfg.local_crops_scale[1] > cfg.global_crops_scale[0]:  # the reference's pairs meet: (0.05, 0.4), (0.4, 1)
         problems.append(f"local_crops_scale {list(cfg.local_crops_scale)} is above global_crops_scale "
-                        f"{list(cfg.global_crops_scale)}: the largest local crop must not exceed the smallest global one")
+                        f"{list(cfg.global_crops_scale)}: the largest local crop must not exceed the smallest global "
+                        f"one")
     return problems + below(cfg, ("local_crops_number", "num_workers", "saveckp_freq"), 0) + \
         below(cfg, ("global_crops_size", "local_crops_size", "max_images"), 1)
 

@@ -69,6 +69,15 @@ def cancel_gradients_last_layer(epoch: float, model: nn.Module, freeze_last_laye
             param.grad = None
 
 
+def cancel_gradients_backbone(epoch: float, model: nn.Module, freeze_backbone_epochs: float) -> None:
+    """During the first ``freeze_backbone_epochs`` epochs drop the backbone's gradients: a fresh head learns on
+    pretrained features before its first, large gradients can reach them (continued pretraining)."""
+    if epoch >= freeze_backbone_epochs:
+        return
+    for param in model.backbone.parameters():
+        param.grad = None
+
+
 @torch.no_grad()
 def update_teacher(student: nn.Module, teacher: nn.Module, momentum: float) -> None:
     """EMA of the student's parameters into the teacher's (buffers are not averaged, as the reference)."""

@@ -1,9 +1,9 @@
 """Files on cloud storage (``s3://``, ``gs://``, ...) through pyarrow's filesystems, the ones Ray Train writes with.
 
-Checkpoints reported to a cloud ``run.storage_path`` survive the loss of any node; these helpers read
-them back (for ``--resume-from`` and the evaluations' ``--pretrained_weights``). Credentials and endpoints come from the environment as for any
-pyarrow / boto3 client: instance roles on a cloud, ``AWS_ENDPOINT_URL`` for an S3-compatible server
-(MinIO, or the local one the tests start).
+Checkpoints reported to a cloud ``run.storage_path`` survive the loss of any node; these helpers read them back
+(for ``--resume-from``, ``init_from`` and the evaluations' ``--pretrained_weights``), and images or path lists
+from a bucket. Credentials and endpoints come from the environment as for any pyarrow / boto3 client: instance
+roles on a cloud, ``AWS_ENDPOINT_URL`` for an S3-compatible server (MinIO, or the local one the tests start).
 """
 from __future__ import annotations
 
@@ -40,3 +40,10 @@ def exists(location: str | Path) -> bool:
         return Path(location).exists()
     filesystem, path = pafs.FileSystem.from_uri(str(location))
     return filesystem.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_bytes(uri: str) -> bytes:
+    """The content of the file ``uri`` (an image or a path list on cloud storage)."""
+    filesystem, path = pafs.FileSystem.from_uri(uri)
+    with filesystem.open_input_file(path) as f:
+        return f.read()

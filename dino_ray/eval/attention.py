@@ -24,6 +24,7 @@ from torchvision import transforms  # noqa: E402
 from dino_ray.core.data.augment import denormalize, normalize  # noqa: E402
 from dino_ray.core.data.datasets import ParquetImageDataset, build_dataset  # noqa: E402
 from dino_ray.core.models.backbones import get_last_selfattention  # noqa: E402
+from dino_ray.core.storage import is_uri  # noqa: E402
 
 
 def load_image(path: str | Path, image_size: int | tuple[int, int], patch_size: int) -> torch.Tensor:
@@ -120,11 +121,10 @@ def first_images(data_path: str, folder: Path, count: int) -> list[Path]:
     dataset = build_dataset(data_path, max_images=count)
     paths = []
     for i in range(len(dataset)):
-        if isinstance(dataset, ParquetImageDataset):
+        path = None if isinstance(dataset, ParquetImageDataset) or is_uri(dataset.paths[i]) else Path(dataset.paths[i])
+        if path is None:  # no local file: the decoded image, written as one
             path = folder / f"img{i:02d}.png"
             dataset[i][0].save(path)
-        else:
-            path = Path(dataset.samples[i][0])
         paths.append(path)
     return paths
 

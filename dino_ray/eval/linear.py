@@ -25,7 +25,7 @@ from torchvision import transforms
 from tqdm.auto import tqdm
 
 from dino_ray.core.data.augment import normalize
-from dino_ray.core.data.datasets import build_dataset, collate_skipping_bad
+from dino_ray.core.data.datasets import build_dataset, collate_skipping_bad, require_labels
 from dino_ray.core.models.backbones import get_intermediate_layers
 from dino_ray.core.models.build import backbone_from_checkpoint
 from dino_ray.core.models.hub import extract_state_dict, safe_load
@@ -152,6 +152,7 @@ def run_linear(args: LinearArgs, on_epoch_end: Optional[Callable[[int, dict[str,
     classifier.to(device)
     train_tf, val_tf = linear_transforms(args)
     val_set = build_dataset(args.split("val"), val_tf, args.max_val_images)
+    require_labels(val_set, args.split("val"), "the linear probe")
     checkpoint_path = out / "checkpoint.pth"
 
     if args.evaluate:
@@ -181,6 +182,7 @@ def run_linear(args: LinearArgs, on_epoch_end: Optional[Callable[[int, dict[str,
         start_epoch, best_acc1 = state["epoch"], state["best_acc"]
         log.info("linear eval resumed from %s at epoch %d", checkpoint_path, start_epoch)
     train_set = build_dataset(args.split("train"), train_tf, args.max_train_images)
+    require_labels(train_set, args.split("train"), "the linear probe")
 
     stats: dict[str, float] = {"best_acc1": best_acc1}
     for epoch in range(start_epoch, args.epochs):

@@ -44,7 +44,7 @@ def knn_job(args: KnnArgs) -> dict[str, Any]:
     """Weighted k-NN of frozen features (features from Ray tasks, or in this process); returns the record
     written to ``output_dir/knn.json``."""
     from dino_ray.core.data.augment import eval_transform
-    from dino_ray.core.data.datasets import build_dataset
+    from dino_ray.core.data.datasets import build_dataset, require_labels
     from dino_ray.core.models.build import backbone_from_checkpoint
     from dino_ray.eval.knn import evaluate_knn, knn_classifiers
 
@@ -53,6 +53,9 @@ def knn_job(args: KnnArgs) -> dict[str, Any]:
     spec = backbone_spec(args, weights)
     backbone, shape = backbone_from_checkpoint(**spec)
     size = args.image_size or shape["image_size"]
+    if not args.load_features:  # before any feature is computed
+        for name, most in (("train", args.max_train_images), ("val", args.max_val_images)):
+            require_labels(build_dataset(args.split(name), None, most), args.split(name), "k-NN")
     if args.load_features or not args.use_ray:
         transform = eval_transform(size, args.resize_size)
         train_set = val_set = None

@@ -100,14 +100,14 @@ def linear_job(args: LinearArgs, launch: Optional[LinearLaunch] = None) -> dict[
               uri, [])
     else:
         from dino_ray.platform.ray_session import ray_session
-        from dino_ray.platform.ray_train import torch_trainer
+        from dino_ray.platform.ray_train import fit, torch_trainer
 
         with ray_session():
-            result = torch_trainer(_linear_per_worker,
-                                   {"args": asdict(args), "tracking_uri": uri, "pretraining_run": weights.run_id,
-                                    "checkpoint_epoch": weights.epoch},
-                                   name="linear", storage_path=str(out / "ray_results"), num_workers=launch.ray_workers,
-                                   max_failures=launch.max_failures).fit()
+            result = fit(torch_trainer(_linear_per_worker,
+                                       {"args": asdict(args), "tracking_uri": uri, "pretraining_run": weights.run_id,
+                                        "checkpoint_epoch": weights.epoch},
+                                       name="linear", storage_path=str(out / "ray_results"),
+                                       num_workers=launch.ray_workers, max_failures=launch.max_failures))
         with result.checkpoint.as_directory() as folder:
             shutil.copy(Path(folder) / "checkpoint.pth", out / "linear_head.pth")
             shutil.copy(Path(folder) / "log.txt", out / "log.txt")

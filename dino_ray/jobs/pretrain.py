@@ -46,11 +46,11 @@ def pretrain_job(args: PretrainArgs) -> dict[str, Any]:
         from dino_ray.platform.checkpoints import resolve_checkpoint
         from dino_ray.platform.tracking.store import tracking_uri
 
-        resume = None
-        if args.resume_from:
-            resume = resolve_checkpoint(args.resume_from, tracking_uri(cfg),
-                                        cache_dir=Path(cfg.output_dir) / "resume").path
-        stats = train_dino(cfg, resume_from=resume)
+        def local(source: Optional[str], folder: str) -> Optional[Path]:
+            return resolve_checkpoint(source, tracking_uri(cfg), cache_dir=Path(cfg.output_dir) / folder).path \
+                if source else None
+
+        stats = train_dino(cfg, resume_from=local(args.resume_from, "resume"), init_from=local(cfg.init_from, "init"))
         log.info("done: %s; checkpoints and log.txt in %s", json.dumps(stats), Path(cfg.output_dir).resolve())
         return stats
     from dino_ray.platform.trainer import pretrain_on_ray
@@ -66,7 +66,14 @@ def dry_run(cfg: Any, num_images: Optional[int] = None, images_per_s: Optional[f
 
     from dino_ray.core.data.datasets import build_dataset
     from dino_ray.core.storage import is_uri
-    from dino_ray.core.train.plan import IMAGENET_TRAIN_IMAGES, PAPER_IMAGES_PER_S_PER_GPU, plan_run
+    from dino_ray.core.train.plan import (
+        IMAGENET_TRAIN_IMAGES,
+        PAPER_IMAGES_PER_S_PER_GPU,
+        ClusterAssumptions,
+        gradient_bytes,
+        plan_run,
+        scaling_plan,
+    )
 
     counted = "given"
     if num_images is None and not is_uri(cfg.data_path) and Path(cfg.data_path).exists():
@@ -82,4 +89,32 @@ def dry_run(cfg: Any, num_images: Optional[int] = None, images_per_s: Optional[f
     source = "given" if images_per_s else "the paper's ViT-S/16 figure, Table 8"
     print(f"at {plan['images_per_s_per_gpu']} images/s per GPU ({source}): {plan['gpu_hours']:,} GPU-hours, "
           f"{plan['wall_hours']:,} hours on {plan['world_size']} GPUs")
-    return plan
+    links = ClusterAssumptions()
+    rows = scaling_plan(cfg, num_images, images_per_s or PAPER_IMAGES_PER_S_PER_GPU, links=links)
+    print(f"\nscaling plan (measured: the gradient all-reduce, {gradient_bytes(cfg) / 2**20:,.1f} MiB a step = this "
+          f"config's trainable fp32 parameters, which is what DDP sends; assumed: {plan['images_per_s_per_gpu']} "
+          f"images/s per GPU at any scale, {links.intra_node_gb_s:g} GB/s inside a node of {links.gpus_per_node} "
+          f"GPUs, "
+          f"{links.inter_node_gb_s:g} GB/s between nodes, the all-reduce hidden behind the backward pass "
+          f"({links.backward_share:.0%} of a step) where it fits, {links.usd_per_gpu_hour:g} USD per GPU-hour)")
+    print(f"{'GPUs':>5} {'batch':>6} {'step s':>8} {'all-reduce s':>13} {'exposed':>8} {'efficiency':>10} "
+          f"{'hours':>8} {'GPU-hours':>10} {'USD':>10}")
+    for r in rows:
+        print(f"{r['gpus']:>5} {r['total_batch']:>6} {r['step_s']:>8.3f} {r['allreduce_s']:>13.4f} "
+              f"{r['exposed_allreduce_s']:>8.4f} {r['efficiency']:>10.0%} {r['hours']:>8,.1f} "
+              f"{r['gpu_hours']:>10,.0f} {r['usd']:>10,.0f}")
+    print(f"where it stops scaling: {bottleneck(rows, links)}")
+    return {**plan, "scaling": rows}
+
+
+def bottleneck(rows: list[dict[str, Any]], links: Any) -> str:
+    """What limits a scaling plan first: the exposed all-reduce, the CPUs feeding each GPU, or the total batch."""
+    slow = [r for r in rows if r["efficiency"] < 0.9]
+    if slow:
+        return f"{slow[0]['gpus']} GPUs, where the exposed all-reduce is {1 - slow[0]['efficiency']:.0%} of the step"
+    cpus, last = rows[0]["input_cpus_per_gpu"], rows[-1]
+    feeds = "enough" if cpus <= links.cpus_per_gpu else "too few: the GPUs would wait for data"
+    return (f"not in communication up to {last['gpus']} GPUs (the all-reduce hides behind the backward pass); the "
+            f"input needs {cpus:.1f} CPU cores per GPU ({links.cpus_per_gpu} there: {feeds}); the total batch "
+            f"({last['total_batch']} at {last['gpus']} GPUs) grows past the paper's 1024, which changes the recipe "
+            f"(lr x batch / 256)")

@@ -43,7 +43,7 @@ def run_quickstart(train_data: Optional[str], val_data: Optional[str], output_di
     from dino_ray.core.config import load_config
     from dino_ray.core.data.augment import eval_transform
     from dino_ray.core.data.cifar10 import quickstart_data
-    from dino_ray.core.data.datasets import build_dataset
+    from dino_ray.core.data.datasets import build_dataset, require_labels
     from dino_ray.core.models.build import backbone_from_checkpoint, random_init_backbone
     from dino_ray.eval.attention import attention_figures
     from dino_ray.eval.knn import evaluate_knn
@@ -72,6 +72,7 @@ def run_quickstart(train_data: Optional[str], val_data: Optional[str], output_di
     transform = eval_transform(cfg.global_crops_size, cfg.global_crops_size)
     knn_train = random_subset(build_dataset(train_data, transform), knn_train_images)
     knn_val = random_subset(build_dataset(val_data, transform), knn_val_images)
+    require_labels(knn_val, val_data, "the quickstart's k-NN")
     random_init = random_init_backbone(cfg)
     pretrained, _ = backbone_from_checkpoint(weights.path)
     results = {}

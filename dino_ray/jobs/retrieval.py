@@ -45,7 +45,7 @@ def retrieval_job(args: RetrievalArgs) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from dino_ray.core.data.augment import eval_transform, normalize
-    from dino_ray.core.data.datasets import build_dataset
+    from dino_ray.core.data.datasets import build_dataset, require_labels
     from dino_ray.eval.features import extract_features
     from dino_ray.eval.retrieval import (
         generic_scores,
@@ -91,6 +91,7 @@ def retrieval_job(args: RetrievalArgs) -> dict[str, Any]:
     else:
         size = args.image_size or shape["image_size"]
         dataset = build_dataset(args.data_path, eval_transform(size), args.max_images)
+        require_labels(dataset, args.data_path, "generic retrieval (relevant = the same label)")
         features, labels = extract_features(backbone, dataset, args.batch_size_per_gpu)
         record.update({"data_path": args.data_path, "image_size": size, "images": len(labels)})
         record["results"] = {"generic": generic_scores(features, labels, args.recall_at)}

@@ -1,6 +1,6 @@
 """``data_loader: ray_data``: Ray Data reads the images, shuffles them, decodes and multi-crops them in CPU tasks
 (on any node of the cluster, CPU-only ones included), and streams the views to the training workers through
-their dataset shards (issue #7).
+their dataset shards.
 
 The driver builds the dataset (``multicrop_dataset``); Ray Train splits it into one shard per worker with
 equal row counts, so that every rank takes the same number of steps (DDP needs it) and every image is seen
@@ -27,7 +27,7 @@ import ray.data
 import torch
 
 from dino_ray.core.config import ConfigError, DINOConfig, build_config
-from dino_ray.core.data.datasets import decode_rgb, is_parquet
+from dino_ray.core.data.datasets import decode_rgb, is_parquet, list_images
 from dino_ray.core.data.views import Augmentation, batch_views, build_augmentation
 from dino_ray.core.storage import is_uri
 
@@ -36,36 +36,43 @@ log = logging.getLogger(__name__)
 VIEW = "view{}"
 
 
+def _unlabelled(batch: Any) -> np.ndarray:
+    return np.full(len(batch), -1, dtype=np.int64)
+
+
 def image_dataset(data_path: str, max_images: Optional[int] = None, num_cpus: float = 1.0) -> ray.data.Dataset:
     """Rows of ``image`` (the encoded file's bytes), ``label`` and ``path``: from Parquet (a file, a folder of
-    shards, an ``s3://`` / ``gs://`` URI; ``path`` is the file's when the rows have none) or an image folder
-    (every file under it; ``label`` -1: pretraining needs none). Each of its tasks asks for ``num_cpus``."""
+    shards, an ``s3://`` / ``gs://`` URI; ``path`` is the file's when the rows have none, ``label`` -1 when they
+    have none) or the images of a folder or path list (``list_images``, listed once here; ``label`` -1:
+    pretraining needs none). Each of its tasks asks for ``num_cpus``."""
     if not is_uri(data_path) and not Path(data_path).exists():
         raise FileNotFoundError(f"data_path '{data_path}' does not exist")
     if is_parquet(data_path):
         ds = ray.data.read_parquet(data_path, file_extensions=["parquet"], num_cpus=num_cpus)
         names = ds.schema().names
-        missing = [column for column in ("image", "label") if column not in names]
-        if missing:
-            raise ValueError(f"Parquet data '{data_path}' lacks column(s) {missing} (has {names})")
+        if "image" not in names:
+            raise ValueError(f"Parquet data '{data_path}' lacks the 'image' column (has {names})")
         if "path" not in names:
             ds = ray.data.read_parquet(data_path, file_extensions=["parquet"], include_paths=True, num_cpus=num_cpus)
+        if "label" not in names:
+            ds = ds.add_column("label", _unlabelled, batch_format="pandas", num_cpus=num_cpus)
         ds = ds.select_columns(["image", "label", "path"], num_cpus=num_cpus)
     else:
-        ds = ray.data.read_binary_files(data_path, include_paths=True, num_cpus=num_cpus)
+        files = list_images(data_path).files[:max_images]
+        ds = ray.data.read_binary_files(files, include_paths=True, num_cpus=num_cpus)
         ds = ds.rename_columns({"bytes": "image"}, num_cpus=num_cpus).add_column(
-            "label", lambda batch: np.full(len(batch), -1, dtype=np.int64), batch_format="pandas", num_cpus=num_cpus)
+            "label", _unlabelled, batch_format="pandas", num_cpus=num_cpus)
     return ds.limit(max_images) if max_images else ds
 
 
 def count_images(data_path: str, max_images: Optional[int] = None) -> int:
-    """The number of images ``image_dataset`` reads, from Parquet metadata or the folder listing (no data read)."""
+    """The number of images ``image_dataset`` reads, from Parquet metadata or the listing (no image read)."""
     if is_parquet(data_path):
         filesystem, root = pafs.FileSystem.from_uri(data_path if is_uri(data_path) else str(Path(data_path).resolve()))
         count = pads.dataset(root, format="parquet", filesystem=filesystem,
                              exclude_invalid_files=False).count_rows()
     else:
-        count = sum(1 for path in Path(data_path).rglob("*") if path.is_file())
+        count = len(list_images(data_path).files)
     return min(count, max_images) if max_images else count
 
 

@@ -61,3 +61,29 @@ def map_tasks(fn: Callable[..., Any], calls: Sequence[tuple], description: str, 
             results[pending.pop(done[0])] = ray.get(done[0])
             bar.update(1)
     return results
+
+
+def missing_on_nodes(paths: Sequence[str]) -> dict[str, list[str]]:
+    """For each local path, the cluster's nodes (``address (node id)``) that cannot see it: files only some
+    machines have. One zero-CPU task per alive node that can run work (CPUs or GPUs), pinned to it; a
+    one-machine cluster is not asked."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n["Alive"] and (n["Resources"].get("CPU", 0) or n["Resources"].get("GPU", 0))]
+    if len({n["NodeID"] for n in nodes} | {ray.get_runtime_context().get_node_id()}) <= 1:
+        return {}
+    check = ray.remote(num_cpus=0)(_absent)
+    answers = ray.get([check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                       .remote(list(paths)) for n in nodes])
+    missing: dict[str, list[str]] = {}
+    for node, absent in zip(nodes, answers):
+        for path in absent:
+            missing.setdefault(path, []).append(f"{node['NodeManagerAddress']} ({node['NodeID'][:8]})")
+    return missing
+
+
+def _absent(paths: list[str]) -> list[str]:
+    from pathlib import Path
+
+    return [path for path in paths if not Path(path).exists()]

@@ -5,6 +5,11 @@ A worker runs its job's loop in a scratch folder (``run_in_scratch``) through on
 back what the run's latest reported checkpoint holds (a restarted or resumed run), opens rank 0's MLflow run
 (the one the restored files name, else a new one), reports a snapshot of its files each epoch, and closes the
 MLflow run as the loop ends. Ray keeps the reported checkpoints in ``storage_path/name``.
+
+Failures: a run restarts from its latest checkpoint after a worker fails (``max_failures`` times, 3 by default;
+a preempted node does not count: ``max_preemption_failures``, unlimited by default), but the same error raised
+again from the same checkpoint stops it at once (``StopRepeatedErrors``): a deterministic error, bad data or a
+non-finite loss, would fail the same way every time. ``fit`` turns the end of a failed run into ``RunFailed``.
 """
 from __future__ import annotations
 
@@ -17,9 +22,22 @@ from typing import Any, Callable, Iterator, Optional
 
 import ray
 import ray.train
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, ValidationConfig
+from ray.train import (
+    Checkpoint,
+    CheckpointConfig,
+    ControllerError,
+    FailureConfig,
+    Result,
+    RunConfig,
+    ScalingConfig,
+    TrainingFailedError,
+    UserCallback,
+    ValidationConfig,
+    WorkerGroupError,
+)
 from ray.train.torch import TorchTrainer
 
+from dino_ray.core.args import RunFailed
 from dino_ray.platform.logs import log_to_stderr
 from dino_ray.platform.tracking.store import RUN_ID_FILE
 
@@ -132,6 +150,49 @@ def worker_context(local_dir: Path, files: tuple[str, ...], open_tracker: Callab
     return worker
 
 
+class RepeatedError(RuntimeError):
+    """The same worker error twice from the same checkpoint: not worth another restart."""
+
+
+class StopRepeatedErrors(UserCallback):
+    """On Ray Train's controller: stop the run when its workers fail with the same errors as on the previous
+    attempt, without a checkpoint in between (raising here ends the run: Ray does not retry controller errors).
+    A killed worker or a lost node fails with a new actor's id each time, so it is always retried."""
+
+    def __init__(self) -> None:
+        self.checkpoint: Optional[str] = None  # the latest reported checkpoint: where a restart starts from
+        self.previous: Optional[tuple] = None
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Optional[Checkpoint]) -> None:
+        if checkpoint is not None:
+            self.checkpoint = checkpoint.path
+
+    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+        errors = tuple(sorted(f"{type(exc).__name__}: {exc}" for exc in worker_exceptions.values()))
+        if self.previous == (self.checkpoint, errors):
+            raise RepeatedError(f"the same error twice from {self.checkpoint or 'the start'}, not retried again: "
+                                f"{errors[0][:2000]}")
+        self.previous = (self.checkpoint, errors)
+
+
+def describe_failure(error: TrainingFailedError) -> str:
+    """What ended a run: the controller's reason, or each failed worker's error (their first lines)."""
+    if isinstance(error, ControllerError):
+        return str(error.controller_failure)
+    if isinstance(error, WorkerGroupError):
+        return "; ".join(f"rank {rank}: {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:500]}"
+                         for rank, exc in sorted(error.worker_failures.items()))
+    return str(error)
+
+
+def fit(trainer: TorchTrainer) -> Result:
+    """``trainer.fit()``; a run that ends in an error raises ``RunFailed`` with what ended it."""
+    try:
+        return trainer.fit()
+    except TrainingFailedError as exc:
+        raise RunFailed(describe_failure(exc)) from exc
+
+
 def cluster_has_gpus() -> bool:
     """Whether the connected Ray cluster has GPUs: the jobs' default for ``use_gpu``."""
     return ray.cluster_resources().get("GPU", 0) > 0
@@ -140,12 +201,15 @@ def cluster_has_gpus() -> bool:
 def torch_trainer(train_fn: Callable[[dict], None], loop_config: dict[str, Any], *, name: str, storage_path: str,
                   num_workers: int = 1, use_gpu: Optional[bool] = None,
                   resources_per_worker: Optional[dict] = None, placement_strategy: str = "PACK",
-                  max_failures: int = 0, num_to_keep: int = 1, score_attribute: Optional[str] = None,
+                  max_failures: int = 3, max_preemption_failures: int = -1, num_to_keep: int = 1,
+                  score_attribute: Optional[str] = None,
                   validation: Optional[ValidationConfig] = None, datasets: Optional[dict] = None,
                   callbacks: Optional[list] = None) -> TorchTrainer:
     """A ``TorchTrainer`` running ``train_fn(loop_config)`` on ``num_workers`` workers (GPUs when ``use_gpu``, or
     when it is None and the cluster has them), checkpoints in ``storage_path/name``: the latest, plus the
-    ``num_to_keep`` best by ``score_attribute`` (max) when given. The same ``name`` and storage resume."""
+    ``num_to_keep`` best by ``score_attribute`` (max) when given. The same ``name`` and storage resume. Worker
+    failures restart the run from its latest checkpoint (``max_failures``, -1: always; preemptions counted apart),
+    a repeated error stops it (``StopRepeatedErrors``)."""
     return TorchTrainer(
         train_fn,
         train_loop_config=loop_config,
@@ -158,9 +222,9 @@ def torch_trainer(train_fn: Callable[[dict], None], loop_config: dict[str, Any],
         run_config=RunConfig(
             name=name,
             storage_path=storage_path,
-            failure_config=FailureConfig(max_failures=max_failures),
+            failure_config=FailureConfig(max_failures=max_failures, max_preemption_failures=max_preemption_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep, checkpoint_score_attribute=score_attribute,
                                                checkpoint_score_order="max"),
-            callbacks=callbacks,
+            callbacks=[StopRepeatedErrors(), *(callbacks or [])],
         ),
     )

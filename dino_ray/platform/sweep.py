@@ -46,10 +46,11 @@ from ray.tune.integration.ray_train import TuneReportCallback  # noqa: E402
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler  # noqa: E402
 
 from dino_ray.core.args import ConfigError, arg, build_args, check, one_of, unknown_keys  # noqa: E402
-from dino_ray.core.config import build_config, flatten, load_config  # noqa: E402
+from dino_ray.core.config import build_config, flatten, load_config, parse_overrides  # noqa: E402
 from dino_ray.platform.ray_session import ray_session  # noqa: E402
+from dino_ray.platform.ray_train import fit  # noqa: E402
 from dino_ray.platform.tracking.runs import RunTracker  # noqa: E402
-from dino_ray.platform.tracking.store import tracking_uri, ui_command  # noqa: E402
+from dino_ray.platform.tracking.store import RUN_ID_FILE, tracking_uri, ui_command  # noqa: E402
 from dino_ray.platform.trainer import absolute_data_paths, build_trainer  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,8 @@ class SweepSpec:
     trial_cpus: float = arg(0.1, "CPUs of a trial's driver (its TorchTrainer asks for its own workers)")
     time_budget_s: Optional[float] = arg(None, "no trial runs past this many seconds from the start")
     storage_path: str = arg("outputs/sweeps", "where sweeps live")
+    register: Optional[str] = arg(None, "register the best trial's teacher in the MLflow Model Registry as this name")
+    alias: str = arg("best", "the alias of the registered version (models:/<register>@<alias>)")
 
     def __post_init__(self) -> None:
         check(self)
@@ -84,6 +87,8 @@ class SweepSpec:
             "scheduler.type", self.scheduler.get("type", "asha"), ("asha", "none"))
         problems += [f"{key} must be >= 1, got {getattr(self, key)}" for key in ("num_samples", "max_concurrent_trials")
                      if getattr(self, key) < 1]
+        if self.register and not self.base.get("tracking.log_model", True):
+            problems.append(f"register={self.register} needs the trials' MLflow models: tracking.log_model: true")
         for key, domain in self.search_space.items():
             if not isinstance(domain, dict) or len(domain) != 1 or next(iter(domain)) not in DOMAINS:
                 problems.append(f"search_space.{key} must be one of {{grid|choice|uniform|loguniform: [...]}}, got "
@@ -102,11 +107,16 @@ class SweepSpec:
 
 
 def load_sweep(path: str | Path, overrides: Optional[list[str]] = None) -> SweepSpec:
-    """Read and check a sweep file; ``key=value`` overrides apply to the base config (``epochs=2``)."""
+    """Read and check a sweep file; ``key=value`` overrides apply to the base config (``epochs=2``), or to the
+    sweep itself for its own keys (``register=dino-cifar``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"sweep file '{path}' does not exist")
     raw = yaml.safe_load(path.read_text()) or {}
+    own = {f.name for f in dataclasses.fields(SweepSpec)} - {"base", "search_space", "variants"}
+    parsed = parse_overrides(overrides or [])
+    raw.update({k: v for k, v in parsed.items() if k in own})
+    overrides = [f"{k}={json.dumps(v)}" for k, v in parsed.items() if k not in own]
     unknown_keys(raw, [f.name for f in dataclasses.fields(SweepSpec) if f.name != "variants"] + ["overrides"],
                  f"sweep file '{path}'")
     if "base" not in raw or "search_space" not in raw:
@@ -169,7 +179,7 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], variants: dict[str, 
               "run.storage_path": f"{sweep_dir}/trials", "tracking.tracking_uri": uri,
               "tracking.parent_run_id": parent_run_id, "eval.knn_sync": True}
     cfg = absolute_data_paths(build_config(values, source=f"trial {name}"))
-    build_trainer(cfg, callbacks=[TuneReportCallback()]).fit()
+    fit(build_trainer(cfg, callbacks=[TuneReportCallback()]))
 
 
 def _parent_run(spec: SweepSpec, sweep_dir: Path, uri: str, experiment: str) -> Optional[str]:
@@ -282,9 +292,19 @@ def record_sweep(spec: SweepSpec, rows: list[dict[str, Any]], sweep_dir: Path, u
         tracker.set_tags({"best_trial": best["trial"], "best_checkpoint": best["checkpoint"]})
         tracker.log_artifact(table)
         tracker.log_artifact(plot)
+        if spec.register:
+            tracker.register(best_run_id(best["checkpoint"]), spec.register, spec.alias)
         tracker.close_children("KILLED")  # trials the scheduler stopped were killed mid-run: not RUNNING forever
         tracker.finish()
         log.info("sweep %s: MLflow parent run %s; see it with: %s", spec.name, parent, ui_command(uri))
+
+
+def best_run_id(checkpoint: str) -> str:
+    """The MLflow run of the trial a reported checkpoint belongs to (its ``mlflow_run_id.txt``)."""
+    run_file = Path(checkpoint) / RUN_ID_FILE
+    if not checkpoint or not run_file.exists():
+        raise FileNotFoundError(f"the best trial's checkpoint '{checkpoint}' names no MLflow run: nothing to register")
+    return run_file.read_text().strip()
 
 
 def format_table(spec: SweepSpec, rows: list[dict[str, Any]]) -> str:

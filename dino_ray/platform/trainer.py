@@ -29,7 +29,9 @@ import torch
 from ray.train import Checkpoint, ValidationConfig, ValidationTaskConfig
 from ray.train.torch import TorchTrainer
 
+from dino_ray.core.args import ConfigError, RunFailed
 from dino_ray.core.config import DINOConfig, build_config
+from dino_ray.core.data.datasets import build_dataset, require_labels
 from dino_ray.core.models.build import backbone_from_checkpoint
 from dino_ray.core.storage import is_uri, join
 from dino_ray.core.train.checkpoint import kept_epoch
@@ -37,13 +39,14 @@ from dino_ray.core.train.loop import train_dino
 from dino_ray.platform.checkpoints import resolve_checkpoint
 from dino_ray.platform.monitor import knn_monitor
 from dino_ray.platform.ray_data import multicrop_dataset, shard_epochs
-from dino_ray.platform.ray_session import ray_session
-from dino_ray.platform.ray_train import run_in_scratch, torch_trainer, worker_context
+from dino_ray.platform.ray_session import missing_on_nodes, ray_session
+from dino_ray.platform.ray_train import fit, run_in_scratch, torch_trainer, worker_context
 from dino_ray.platform.tracking.store import QUEUE_FILE, RUN_ID_FILE, RUN_KEY_TAG, tracking_uri
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILES = ("checkpoint.pth", "log.txt", "config.yaml", RUN_ID_FILE, QUEUE_FILE)
+INIT_FILE = "init_from"  # the weights of init_from in a worker's scratch folder (with their file's suffix)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -90,13 +93,19 @@ def _train_in(local_dir: Path, loop_config: dict[str, Any]) -> None:
                  metrics["peak_rss_mb"])
         worker.tracker.log_metrics({f"iter/{k}": v for k, v in metrics.items()}, step=iteration)
 
+    init = None
+    if loop_config.get("init_from") is not None and not (local_dir / "checkpoint.pth").exists():
+        with loop_config["init_from"].as_directory() as folder:  # only a run with no checkpoint of its own reads it
+            staged = next(Path(folder).glob(f"{INIT_FILE}*"))
+            init = local_dir / staged.name
+            shutil.copy(staged, init)
     epoch_batches = None
     if cfg.data_loader == "ray_data":
         epoch_batches = shard_epochs(cfg, loop_config["rows"], worker.rank, worker.world_size)
     with worker.finishing(loop_config.get("keep_dir")):
         train_dino(cfg, on_epoch_end=report, show_progress=False,
                    on_step=log_step if worker.tracker is not None else None, work_dir=local_dir,
-                   epoch_batches=epoch_batches)
+                   epoch_batches=epoch_batches, init_from=init)
         if worker.tracker is not None:
             log_final_artifacts(worker.tracker, cfg, local_dir)
 
@@ -109,7 +118,8 @@ def log_final_artifacts(tracker: Any, cfg: DINOConfig, folder: Path) -> None:
     tracker.log_artifact(folder / "config.yaml")
     tracker.log_artifact(folder / "checkpoint.pth", "checkpoints")
     tracker.log_artifact(folder / "teacher_backbone.pth", "checkpoints")
-    example = np.zeros((1, 3, cfg.global_crops_size, cfg.global_crops_size), dtype=np.float32)
+    # a batch of 2: torch.export takes a dimension of size 1 for a constant, and the batch size must stay free
+    example = np.zeros((2, 3, cfg.global_crops_size, cfg.global_crops_size), dtype=np.float32)
     if cfg.tracking.log_model:
         tracker.log_model(backbone, example)
 
@@ -120,28 +130,32 @@ def run_storage(cfg: DINOConfig) -> tuple[str, str]:
             cfg.run.name or Path(cfg.output_dir).name)
 
 
-def staged_resume(cfg: DINOConfig, checkpoint_file: str, mlflow_run_id: Optional[str] = None) -> Checkpoint:
-    """The checkpoint to resume from, copied into the run's storage (``<run>/resume_from``) as a Ray
-    ``Checkpoint`` that every worker reads wherever it runs: never a path only this process has. (Ray Train V2
-    takes it through ``train_loop_config``: ``resume_from_checkpoint`` is gone.)"""
+def stage(cfg: DINOConfig, folder: str, files: dict[str, str], texts: Optional[dict[str, str]] = None) -> Checkpoint:
+    """Local ``files`` (name: path) and ``texts`` (name: content) copied into the run's storage (``<run>/<folder>``)
+    as a Ray ``Checkpoint`` that every worker reads wherever it runs: never a path only this process has. (Ray
+    Train V2 takes it through ``train_loop_config``: ``resume_from_checkpoint`` is gone.)"""
     storage, name = run_storage(cfg)
-    location = join(storage, name, "resume_from")
+    location = join(storage, name, folder)
     filesystem, path = (pafs.FileSystem.from_uri(location) if is_uri(location)
                         else (pafs.LocalFileSystem(), str(Path(location).resolve())))
     with tempfile.TemporaryDirectory() as staging:
-        shutil.copy(checkpoint_file, Path(staging) / "checkpoint.pth")
-        if mlflow_run_id:
-            (Path(staging) / RUN_ID_FILE).write_text(mlflow_run_id)
+        for target, source in files.items():
+            shutil.copy(source, Path(staging) / target)
+        for target, text in (texts or {}).items():
+            (Path(staging) / target).write_text(text)
         filesystem.create_dir(path)
         pafs.copy_files(staging, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=filesystem)
-    log.info("resuming from %s, staged in the run's storage at %s", checkpoint_file, location)
+    log.info("%s staged in the run's storage at %s", ", ".join([*files.values(), *(texts or {})]), location)
     return Checkpoint(path, filesystem)
 
 
 def build_trainer(cfg: DINOConfig, resume_from: Optional[Checkpoint] = None, job_id: Optional[str] = None,
-                  callbacks: Optional[list] = None) -> TorchTrainer:
+                  callbacks: Optional[list] = None, run_key: Optional[str] = None,
+                  init_from: Optional[Checkpoint] = None) -> TorchTrainer:
     """A TorchTrainer for ``cfg``: scaling, storage, failure and checkpoint-keeping from the config's sections;
-    ``resume_from``: a checkpoint in the run's storage (``staged_resume``) for a run that has none of its own."""
+    ``resume_from``: a checkpoint in the run's storage (``stage``) for a run that has none of its own;
+    ``run_key``: what names its MLflow run across restarts (a new one by default); ``init_from``: the staged
+    weights of ``cfg.init_from``."""
     storage_path, run_name = run_storage(cfg)
     validation = None
     if cfg.eval.knn_every and not cfg.eval.knn_sync:  # the k-NN monitor, in Ray's own task per flagged checkpoint
@@ -153,12 +167,13 @@ def build_trainer(cfg: DINOConfig, resume_from: Optional[Checkpoint] = None, job
         datasets = {"train": views}
     return torch_trainer(
         train_loop_per_worker,
-        {"config": cfg.to_dict(), "resume_from": resume_from, "job_id": job_id, "rows": rows,
-         "run_key": uuid.uuid4().hex,  # its MLflow run, even for a restart before any checkpoint
+        {"config": cfg.to_dict(), "resume_from": resume_from, "init_from": init_from, "job_id": job_id,
+         "rows": rows,
+         "run_key": run_key or uuid.uuid4().hex,  # its MLflow run, even for a restart before any checkpoint
          "keep_dir": str(Path(cfg.output_dir).resolve() / "mlflow_queue")},
         name=run_name, storage_path=storage_path, num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
         resources_per_worker=cfg.scaling.resources_per_worker, placement_strategy=cfg.scaling.placement_strategy,
-        max_failures=cfg.failure.max_failures,
+        max_failures=cfg.failure.max_failures, max_preemption_failures=cfg.failure.max_preemption_failures,
         # Ray always keeps the latest checkpoint; the score keeps every saveckp_freq-th as well.
         num_to_keep=math.ceil(cfg.epochs / cfg.saveckp_freq) if cfg.saveckp_freq else 1,
         score_attribute="kept_epoch", validation=validation, datasets=datasets, callbacks=callbacks)
@@ -177,20 +192,71 @@ def absolute_data_paths(cfg: DINOConfig) -> DINOConfig:
                                ray_data=dataclasses.replace(cfg.ray_data, audit_dir=audit_dir))
 
 
+def check_cluster_paths(cfg: DINOConfig) -> None:
+    """On a cluster of several machines, refuse local paths that not every machine sees, before any worker starts:
+    the checkpoint storage (Ray Train needs one storage every worker writes to and a restart reads from) and the
+    data. A shared filesystem mounted at the same path everywhere passes; ``s3://`` / ``gs://`` are not checked."""
+    storage, _ = run_storage(cfg)
+    paths = {name: path for name, path in (("data_path", cfg.data_path), ("eval.knn_train_data",
+                                                                         cfg.eval.knn_train_data),
+                                           ("eval.knn_val_data", cfg.eval.knn_val_data))
+             if path and not is_uri(path)}
+    marker = None
+    if not is_uri(storage):
+        marker = Path(storage) / f".dino_ray_shared_{uuid.uuid4().hex}"
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        paths["run.storage_path"] = str(marker)
+    try:
+        missing = missing_on_nodes(list(paths.values()))
+    finally:
+        if marker is not None:
+            marker.unlink(missing_ok=True)
+    if missing:
+        named = [f"{name} '{storage if name == 'run.storage_path' else path}' is not visible on "
+                 f"{', '.join(missing[path])}" for name, path in paths.items() if path in missing]
+        raise ConfigError(f"this Ray cluster has several machines and {'; '.join(named)}: use a location every "
+                          f"machine reads (s3:// or gs://, or a shared filesystem mounted at the same path "
+                          f"everywhere, such as NFS)")
+
+
 def pretrain_on_ray(cfg: DINOConfig, resume_from: Optional[str] = None) -> ray.train.Result:
     """Run (or resume) a pretraining on the Ray cluster this process is connected to (a local one if none).
 
     ``resume_from``: any checkpoint ``resolve_checkpoint`` knows; when it names an MLflow run (a run id,
     ``runs:/``, ``models:/``), that MLflow run continues too. It is staged in the run's storage for the workers.
+    A run that ends in an error (``RunFailed``) has its MLflow run marked FAILED, whichever worker failed how.
     """
     cfg = absolute_data_paths(cfg)
     staged = None
     if resume_from:
         weights = resolve_checkpoint(resume_from, tracking_uri(cfg),
                                      cache_dir=Path(cfg.output_dir).resolve() / "resume")
-        staged = staged_resume(cfg, str(weights.path), weights.run_id if weights.kind in ("run", "model") else None)
+        continued = weights.run_id if weights.kind in ("run", "model") else None  # that MLflow run goes on
+        staged = stage(cfg, "resume_from", {"checkpoint.pth": str(weights.path)},
+                       {RUN_ID_FILE: continued} if continued else None)
+    init = None
+    if cfg.init_from:
+        weights = resolve_checkpoint(cfg.init_from, tracking_uri(cfg),
+                                     cache_dir=Path(cfg.output_dir).resolve() / "init")
+        init = stage(cfg, "init_from", {INIT_FILE + weights.path.suffix: str(weights.path)})
+    if cfg.eval.knn_every:  # the monitor's k-NN needs labels: say so now, not at the first monitored epoch
+        for path, count in ((cfg.eval.knn_train_data or cfg.data_path, cfg.eval.knn_train_images),
+                            (cfg.eval.knn_val_data, cfg.eval.knn_val_images)):
+            if not is_uri(path):
+                require_labels(build_dataset(path, None, count), path, "the k-NN monitor (eval.knn_every)")
+    run_key = uuid.uuid4().hex
     with ray_session():
-        result = build_trainer(cfg, staged, ray.get_runtime_context().get_job_id()).fit()
+        check_cluster_paths(cfg)
+        try:
+            result = fit(build_trainer(cfg, staged, ray.get_runtime_context().get_job_id(), run_key=run_key,
+                                       init_from=init))
+        except RunFailed:
+            from dino_ray.platform.tracking.runs import end_run_by_key
+
+            end_run_by_key(tracking_uri(cfg), cfg.tracking.experiment_name, run_key, "FAILED",
+                           cfg.tracking.retry_timeout_s)
+            raise
     if result.checkpoint is not None:
         log.info("pretraining done; latest checkpoint: %s", result.checkpoint.path)
     return result

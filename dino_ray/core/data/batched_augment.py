@@ -1,4 +1,4 @@
-"""DINO's multi-crop views for a whole batch of images at once, on tensors (issue #7).
+"""DINO's multi-crop views for a whole batch of images at once, on tensors.
 
 The same views as ``DataAugmentationDINO`` (the reference's per-image PIL pipeline, Caron et al. 2021,
 App. D): RandomResizedCrop (bicubic, antialiased), flip p=0.5, colour jitter (0.4, 0.4, 0.2, 0.1) in a
@@ -90,7 +90,8 @@ def sample_view_params(heights: torch.Tensor, widths: torch.Tensor, scale: Seque
 
     brightness, contrast, saturation, hue = JITTER
     factors = torch.stack([
-        _uniform((n,), 1 - brightness, 1 + brightness, generator), _uniform((n,), 1 - contrast, 1 + contrast, generator),
+        _uniform((n,), 1 - brightness, 1 + brightness, generator),
+        _uniform((n,), 1 - contrast, 1 + contrast, generator),
         _uniform((n,), 1 - saturation, 1 + saturation, generator), _uniform((n,), -hue, hue, generator),
     ], dim=1).float()
     return ViewParams(

@@ -8,6 +8,7 @@ dict or the reference's ``argparse.Namespace``); a backbone-only file records no
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any, Optional
@@ -25,6 +26,7 @@ from dino_ray.core.train.checkpoint import recorded_args
 # What a checkpoint's recorded args say about the networks (the rest, data and schedules, does not shape them).
 MODEL_KEYS = ("arch", "patch_size", *VIT_SHAPE_KEYS, "stem", "width", "global_crops_size", "out_dim",
               "use_bn_in_head", "norm_last_layer", "head_hidden_dim", "head_bottleneck_dim", "head_nlayers")
+EXPORT_METADATA = "dino_ray"  # the safetensors metadata key of a ``dino-ray export``'s JSON description
 ARCH_ALIASES = {"deit_tiny": "vit_tiny", "deit_small": "vit_small"}  # the first released checkpoints' names
 
 
@@ -84,6 +86,18 @@ def _trained_size(checkpoint: Any, checkpoint_key: Optional[str], patch_size: in
     return int(round(math.sqrt(pos.shape[1] - 1))) * patch_size if pos is not None else 224
 
 
+def exported_shape(path: str | Path) -> dict[str, Any]:
+    """The network settings a ``dino-ray export`` safetensors file carries in its metadata ({} for other files)."""
+    if not str(path).endswith(".safetensors"):
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as exported:
+        spec = json.loads((exported.metadata() or {}).get(EXPORT_METADATA, "{}"))
+    shape = {k: v for k, v in spec.items() if k in MODEL_KEYS}
+    return {**shape, "global_crops_size": spec["image_size"]} if "image_size" in spec else shape
+
+
 def backbone_shape(cfg: DINOConfig) -> dict[str, Any]:
     """What an evaluation records of a backbone: architecture, patch size, ViT shape, stem, width, image size."""
     return {"arch": cfg.arch, "patch_size": cfg.patch_size, **cfg.vit_kwargs(), "stem": cfg.stem, "width": cfg.width,
@@ -97,7 +111,8 @@ def backbone_from_checkpoint(pretrained_weights: str | Path, checkpoint_key: str
     if not Path(pretrained_weights).is_file():
         raise FileNotFoundError(f"pretrained_weights '{pretrained_weights}' does not exist")
     checkpoint = safe_load(pretrained_weights)
-    cfg = checkpoint_config(checkpoint, checkpoint_key, **given)
+    cfg = checkpoint_config(checkpoint, checkpoint_key, **{**exported_shape(pretrained_weights),
+                                                            **{k: v for k, v in given.items() if v is not None}})
     backbone = build_config_backbone(cfg)
     load_checkpoint_weights(backbone, checkpoint, checkpoint_key, str(pretrained_weights))
     return backbone, backbone_shape(cfg)

@@ -11,6 +11,7 @@ reference's substring replace + ``strict=False`` would load partially in silence
 from __future__ import annotations
 
 import argparse
+import math
 import urllib.error
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dino_ray.core.models.backbones import build_backbone
+from dino_ray.core.models.backbones import build_backbone, interpolate_pos_encoding
 
 OFFICIAL_URL = "https://dl.fbaipublicfiles.com/dino/"
 OFFICIAL_WEIGHTS = {
@@ -38,7 +39,17 @@ _SAFE_GLOBALS: list[Any] = [argparse.Namespace, np.dtype, type(np.dtype(np.float
 
 
 def safe_load(path: str | Path) -> Any:
-    """``torch.load(weights_only=True)`` allowing only the extra types official checkpoints contain."""
+    """``torch.load(weights_only=True)`` allowing only the extra types official checkpoints contain; a
+    ``.safetensors`` file (``dino-ray export``) by safetensors, which holds tensors only."""
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"weights file '{path}' does not exist")
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - a corrupt file
+            raise ValueError(f"cannot load safetensors file '{path}': {exc}") from exc
     try:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -87,8 +98,10 @@ def load_checkpoint_weights(model: nn.Module, checkpoint: Any, checkpoint_key: O
     own_keys = set(model.state_dict())
     if not any(k.startswith("backbone.") for k in own_keys) and any(k.startswith("backbone.") for k in state_dict):
         state_dict = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
-    if isinstance(getattr(model, "fc", None), nn.Identity):  # a ResNet whose classifier we removed
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
+    for name in ("fc", "head"):  # a ResNet's or a timm ViT's classifier, which the backbone does not have
+        if isinstance(getattr(model, name, None), nn.Identity):
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith(f"{name}.")}
+    state_dict = _fit_position_embeddings(model, state_dict)
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as exc:
@@ -98,6 +111,17 @@ def load_checkpoint_weights(model: nn.Module, checkpoint: Any, checkpoint_key: O
                          f"{missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}; "
                          f"{str(exc).splitlines()[-1].strip()}") from exc
     return model
+
+
+def _fit_position_embeddings(model: nn.Module, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A ViT's position embeddings trained at another image size, resampled to the model's patch grid (the
+    reference's interpolation): a 224 px checkpoint starts a 32 px run, as the reference's evaluations load it."""
+    own = getattr(model, "pos_embed", None)
+    given = state_dict.get("pos_embed")
+    if own is None or given is None or given.shape == own.shape or given.shape[-1] != own.shape[-1]:
+        return state_dict
+    side = int(round(math.sqrt(own.shape[1] - 1)))
+    return {**state_dict, "pos_embed": interpolate_pos_encoding(given, side, side)}
 
 
 def download_weights(url: str, model_dir: Optional[str | Path] = None) -> Any:

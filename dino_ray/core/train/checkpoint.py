@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import torch
 
-from dino_ray.core.models.hub import safe_load, strip_prefix
+from dino_ray.core.models.hub import load_checkpoint_weights, safe_load, strip_prefix
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
@@ -88,3 +88,26 @@ def recorded_args(checkpoint: Any) -> dict[str, Any]:
 
 def checkpoint_epoch(checkpoint: Any) -> Optional[int]:
     return int(checkpoint["epoch"]) if isinstance(checkpoint, dict) and "epoch" in checkpoint else None
+
+
+def initialize_from(checkpoint: Any, student: torch.nn.Module, teacher: torch.nn.Module, dino_loss: torch.nn.Module,
+                    source: str) -> str:
+    """Start a new run from existing weights (``init_from``): a full DINO checkpoint gives the student, the teacher
+    and the centre ("full"); any other weights (a released backbone-only file, ``teacher_backbone.pth``, an
+    export, a torchvision or timm checkpoint) go into both backbones, the heads starting fresh ("backbone").
+    Nothing of the optimizer or the epoch comes along: that is resuming. Shapes that do not fit are an error
+    naming the keys."""
+    if isinstance(checkpoint, dict) and "student" in checkpoint and "teacher" in checkpoint:
+        for name, network in (("student", student), ("teacher", teacher)):
+            try:
+                network.load_state_dict(strip_prefix(checkpoint[name]))
+            except RuntimeError as exc:
+                raise ValueError(f"init_from '{source}': its {name} does not fit this config's networks: "
+                                 f"{' '.join(str(exc).split())[:1500]}") from exc
+        center = checkpoint.get("dino_loss", {}).get("center")
+        if center is not None and center.shape == dino_loss.center.shape:
+            dino_loss.center.copy_(center)
+        return "full"
+    for network in (student, teacher):
+        load_checkpoint_weights(network.backbone, checkpoint, "teacher", f"init_from '{source}'")
+    return "backbone"

@@ -8,6 +8,7 @@ appends one JSON line to ``log.txt``. The model math of an iteration lives in ``
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import resource
@@ -19,17 +20,21 @@ from typing import Any, Callable, Iterable, Optional, Protocol
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from dino_ray.core.config import ConfigError, DINOConfig, save_config
-from dino_ray.core.data.datasets import build_dataset
+from dino_ray.core.data.datasets import ImageListing, build_dataset, is_parquet, list_images
 from dino_ray.core.data.loader import build_loader
 from dino_ray.core.data.views import build_augmentation, collate_views
+from dino_ray.core.models.hub import safe_load
 from dino_ray.core.optim import cosine_scheduler
 from dino_ray.core.ranks import rank_and_world, seed_everything
 from dino_ray.core.train.checkpoint import (
+    initialize_from,
     kept_epoch,
     load_checkpoint,
+    recorded_args,
     restore_training_state,
     save_checkpoint,
     training_state,
@@ -97,8 +102,8 @@ def train_one_epoch(step: DINOStep, loader: EpochBatches, schedules: Schedules, 
     MetricLogger cadence) with that iteration's loss, schedules, timings and memory.
     """
     cfg, device = step.cfg, next(step.student.parameters()).device
-    loss_sum = images_seen = skipped = steps = 0
-    data_seconds = step_seconds = 0.0
+    loss_sum = images_seen = skipped = steps = allreduce_bytes = 0
+    data_seconds = step_seconds = allreduce_seconds = 0.0
     monitors = torch.zeros(2, device=device)  # summed on the device, read at log steps only
     bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", disable=not show_progress, leave=False)
     epoch_start = tick = time.perf_counter()
@@ -115,16 +120,21 @@ def train_one_epoch(step: DINOStep, loader: EpochBatches, schedules: Schedules, 
         step_time = time.perf_counter() - tick - data_time
         steps, loss_sum, images_seen = steps + 1, loss_sum + out.loss, images_seen + len(images[0])
         data_seconds, step_seconds = data_seconds + data_time, step_seconds + step_time
+        allreduce_seconds += out.allreduce_seconds
+        allreduce_bytes += out.allreduce_bytes
         monitors += out.monitors
         if i % cfg.log_freq == 0 or i == len(loader) - 1:
             bar.set_postfix(loss=f"{out.loss:.4f}", lr=f"{values['lr']:.2e}")
             if on_step is not None:
                 entropy, kl = out.monitors.tolist()
                 on_step(it, {"epoch": epoch + (i + 1) / len(loader), "loss": out.loss, "teacher_entropy": entropy,
+                             "backbone_frozen": float(step.backbone_frozen(epoch, i)),
                              "kl_teacher_student": kl, **values,
                              "teacher_temp": float(step.dino_loss.teacher_temp_schedule[epoch]),
                              "images_per_s": len(images[0]) / (step_time + data_time), "step_time": step_time,
-                             "data_time": data_time, **memory_stats(device)})
+                             "data_time": data_time, **memory_stats(device),
+                             **({"allreduce_time": out.allreduce_seconds, "allreduce_mb": out.allreduce_bytes / 2**20}
+                                if step.allreduce else {})})
         tick = time.perf_counter()
     if steps == 0:
         raise ValueError(f"epoch {epoch}: no image of '{cfg.data_path}' could be decoded")
@@ -133,25 +143,55 @@ def train_one_epoch(step: DINOStep, loader: EpochBatches, schedules: Schedules, 
     return {"loss": loss_sum / steps, "teacher_entropy": entropy, "kl_teacher_student": kl,  # collapse monitors
             **schedules.at(len(loader) * (epoch + 1) - 1),
             "teacher_temp": float(step.dino_loss.teacher_temp_schedule[epoch]),
+            "backbone_frozen": float(step.backbone_frozen(epoch, 0)),  # at the epoch's start
             "images_per_s": images_seen / seconds, "epoch_seconds": seconds, "data_time": data_seconds / steps,
-            "step_time": step_seconds / steps, "skipped_images": skipped, **memory_stats(device)}
+            "step_time": step_seconds / steps, "skipped_images": skipped, **memory_stats(device),
+            **({"allreduce_time": allreduce_seconds / steps, "allreduce_mb": allreduce_bytes / steps / 2**20}
+               if step.allreduce else {})}
+
+
+def continue_from(cfg: DINOConfig, step: DINOStep, weights: str | Path, rank: int) -> DINOConfig:
+    """A new run from existing weights (``init_from``); returns the config with ``freeze_backbone_epochs`` decided:
+    as given, else 1 epoch when only a backbone came (its head starts fresh), else 0."""
+    if not Path(weights).is_file():
+        raise FileNotFoundError(f"init_from '{weights}' is not a local file: `dino-ray pretrain` resolves run ids, "
+                                f"runs:/ and models:/ URIs, cloud URIs and hub names into one")
+    kind = initialize_from(safe_load(weights), step.student, step.teacher, step.dino_loss, str(cfg.init_from))
+    freeze = cfg.freeze_backbone_epochs if cfg.freeze_backbone_epochs is not None else float(kind == "backbone")
+    if rank == 0:
+        log.info("initialised from %s (%s): %s", cfg.init_from, "student, teacher and centre" if kind == "full"
+                 else "the backbone; the heads start fresh", f"backbone frozen for {freeze:g} epochs" if freeze
+                 else "everything trains from the first step")
+    return dataclasses.replace(cfg, freeze_backbone_epochs=freeze)
+
+
+def shared_listing(data_path: str, world_size: int) -> Optional[ImageListing]:
+    """An image folder or path list listed once, by rank 0, and sent to the other ranks: N ranks walking a
+    million files on a network filesystem each would cost minutes at every start. None: nothing to list."""
+    if world_size == 1 or is_parquet(data_path):
+        return None
+    box = [list_images(data_path) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def train_dino(cfg: DINOConfig, resume_from: Optional[str | Path] = None,
                on_epoch_end: Optional[EpochCallback] = None, show_progress: bool = True,
                on_step: Optional[StepCallback] = None, work_dir: Optional[str | Path] = None,
-               epoch_batches: Optional[Callable[[int], EpochBatches]] = None) -> dict[str, Any]:
+               epoch_batches: Optional[Callable[[int], EpochBatches]] = None,
+               init_from: Optional[str | Path] = None) -> dict[str, Any]:
     """Pretrain with DINO; returns the last epoch's stats. ``on_epoch_end(epoch, stats, checkpoint_path)``
     runs on every rank after the checkpoint is written (a hook for launchers and trackers); ``on_step``
     on rank 0 every ``log_freq`` iterations (see ``train_one_epoch``). Files go to ``work_dir`` when
     given (a launcher's scratch folder), else ``cfg.output_dir``; the checkpoint's ``args`` stay ``cfg``.
-    ``epoch_batches(epoch)``: another input than the DataLoader over ``cfg.data_path`` (Ray Data's shards)."""
+    ``epoch_batches(epoch)``: another input than the DataLoader over ``cfg.data_path`` (Ray Data's shards).
+    ``init_from``: the local file of ``cfg.init_from`` (which may name an MLflow run: the platform resolves it),
+    read when the run has no checkpoint of its own yet."""
     rank, world_size = rank_and_world()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     output_dir = Path(work_dir or cfg.output_dir)
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, output_dir / "config.yaml")
     if device.type == "cpu" and (cfg.use_fp16 or cfg.use_bf16) and rank == 0:
         log.info("mixed precision is for CUDA only: training in fp32 on CPU")
 
@@ -159,7 +199,7 @@ def train_dino(cfg: DINOConfig, resume_from: Optional[str | Path] = None,
         if cfg.data_loader != "torch":
             raise ConfigError(f"data_loader: {cfg.data_loader} streams from a Ray cluster: run `dino-ray pretrain` "
                               f"without --no-ray, or set data_loader: torch")
-        dataset = build_dataset(cfg.data_path, None, cfg.max_images)
+        dataset = build_dataset(cfg.data_path, None, cfg.max_images, listing=shared_listing(cfg.data_path, world_size))
         collate = partial(collate_views, augmentation=build_augmentation(cfg))
 
         def epoch_batches(epoch: int) -> EpochBatches:
@@ -171,12 +211,20 @@ def train_dino(cfg: DINOConfig, resume_from: Optional[str | Path] = None,
     start_epoch = 0
     checkpoint_path = Path(resume_from) if resume_from else output_dir / "checkpoint.pth"
     if checkpoint_path.exists():
-        start_epoch = restore_training_state(load_checkpoint(checkpoint_path), step.student, step.teacher,
-                                             step.optimizer, step.dino_loss, step.scaler)
+        checkpoint = load_checkpoint(checkpoint_path)
+        start_epoch = restore_training_state(checkpoint, step.student, step.teacher, step.optimizer, step.dino_loss,
+                                             step.scaler)
+        cfg = dataclasses.replace(cfg, freeze_backbone_epochs=recorded_args(checkpoint).get(
+            "freeze_backbone_epochs", cfg.freeze_backbone_epochs))  # as the run decided when it started
         if rank == 0:
             log.info("resumed from %s at epoch %d", checkpoint_path, start_epoch)
     elif resume_from:
         raise FileNotFoundError(f"resume_from '{resume_from}' does not exist")
+    elif cfg.init_from:
+        cfg = continue_from(cfg, step, init_from or cfg.init_from, rank)
+    step.freeze_backbone_epochs = cfg.freeze_backbone_epochs or 0.0
+    if rank == 0:
+        save_config(cfg, output_dir / "config.yaml")
 
     stats: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.epochs):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -21,13 +21,23 @@ from dino_ray.core.config import DINOConfig
 from dino_ray.core.loss import DINOLoss, koleo_loss
 from dino_ray.core.models.build import build_student_teacher
 from dino_ray.core.models.sync_batchnorm import convert_sync_batchnorm, has_batchnorm
-from dino_ray.core.optim import LARS, cancel_gradients_last_layer, clip_gradients, get_params_groups, update_teacher
+from dino_ray.core.optim import (
+    LARS,
+    cancel_gradients_backbone,
+    cancel_gradients_last_layer,
+    clip_gradients,
+    get_params_groups,
+    update_teacher,
+)
+from dino_ray.core.train.comm import AllReduceTimer, time_allreduce
 
 
 @dataclass
 class StepOutput:
     loss: float
     monitors: torch.Tensor  # [teacher entropy, KL(teacher || student)], on the device: read at log steps only
+    allreduce_seconds: float = 0.0  # the gradient all-reduce, when profiled (``profile_allreduce``)
+    allreduce_bytes: int = 0
 
 
 @dataclass
@@ -42,6 +52,11 @@ class DINOStep:
     autocast: Callable[[], Any]
     scaler: torch.amp.GradScaler
     iterations_per_epoch: int
+    allreduce: Optional[AllReduceTimer] = None  # with ``profile_allreduce`` on several ranks
+    freeze_backbone_epochs: float = 0.0  # continued pretraining: the head learns alone first
+
+    def backbone_frozen(self, epoch: int, iteration: int) -> bool:
+        return epoch + iteration / self.iterations_per_epoch < self.freeze_backbone_epochs
 
     def forward_backward(self, images: list[torch.Tensor], epoch: int, iteration: int) -> StepOutput:
         """Loss, backward and optimizer step on one batch of crops (the 2 global crops first) at ``iteration`` of
@@ -63,11 +78,12 @@ class DINOStep:
         if self.cfg.clip_grad:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients
             clip_gradients(self.student, self.cfg.clip_grad)
-        cancel_gradients_last_layer(epoch + iteration / self.iterations_per_epoch, self.student,
-                                    self.cfg.freeze_last_layer)
+        progress = epoch + iteration / self.iterations_per_epoch
+        cancel_gradients_last_layer(progress, self.student, self.cfg.freeze_last_layer)
+        cancel_gradients_backbone(progress, self.student, self.freeze_backbone_epochs)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return StepOutput(loss_value, monitors)
+        return StepOutput(loss_value, monitors, *(self.allreduce.take() if self.allreduce else ()))
 
     def update_teacher(self, momentum: float) -> None:
         update_teacher(self.student, self.teacher, momentum)
@@ -112,9 +128,11 @@ def build_step(cfg: DINOConfig, device: torch.device, world_size: int, iteration
     place(cfg, student, device)
     place(cfg, teacher, device)
     student_fwd: nn.Module = student
+    allreduce = None
     if world_size > 1:
         student_fwd = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.index is not None
                                                           else None)
+        allreduce = time_allreduce(student_fwd) if cfg.profile_allreduce else None
     teacher_fwd = teacher
     if cfg.torch_compile:
         teacher_fwd, student_fwd = torch.compile(teacher), torch.compile(student_fwd)
@@ -122,4 +140,4 @@ def build_step(cfg: DINOConfig, device: torch.device, world_size: int, iteration
                          cfg.warmup_teacher_temp_epochs, cfg.epochs, centering=cfg.centering).to(device)
     autocast, scaler = precision(cfg, device)
     return DINOStep(cfg, student, teacher, student_fwd, teacher_fwd, dino_loss, build_optimizer(cfg, student),
-                    autocast, scaler, iterations_per_epoch)
+                    autocast, scaler, iterations_per_epoch, allreduce)

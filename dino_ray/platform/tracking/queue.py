@@ -135,6 +135,20 @@ class CallQueue:
             client.log_artifact(self._run(call), str(path), call.get("folder"))
         elif op == "terminate":
             client.set_terminated(self._run(call), call["status"], end_time=call["time"])
+        elif op == "terminate_key":  # a training run's MLflow run, found by its run key (the driver's view)
+            experiment = client.get_experiment_by_name(call["experiment"])
+            runs = client.search_runs([experiment.experiment_id], f"tags.`{RUN_KEY_TAG}` = '{call['key']}'") \
+                if experiment is not None else []
+            for run in runs:
+                client.set_terminated(run.info.run_id, call["status"], end_time=call["time"])
+        elif op == "register":  # a run's logged model as a new version of a registered model, under an alias
+            import mlflow
+
+            mlflow.set_tracking_uri(self.uri)
+            version = mlflow.register_model(f"runs:/{self._run(call)}/{call['model']}", call["name"])
+            client.set_registered_model_alias(call["name"], call["alias"], version.version)
+            log.info("MLflow: run %s's %s registered as %s version %s, alias '%s' (models:/%s@%s)", self._run(call),
+                     call["model"], call["name"], version.version, call["alias"], call["name"], call["alias"])
         elif op == "close_children":
             parent = self._run(call)
             experiment = client.get_run(parent).info.experiment_id

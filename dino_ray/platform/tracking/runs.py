@@ -159,9 +159,11 @@ class RunTracker:
         self.queue.put({"op": "artifact", "run": self.run_id or self._ref, "path": str(path), "folder": artifact_path})
 
     def log_model(self, model: Any, input_example: Any, name: str = "teacher_backbone") -> None:
-        """The model as an MLflow model (signature from ``input_example``), loadable with mlflow.pytorch.load_model.
-        A Python object cannot wait in a queue on disk: tried once the queue is empty, else only warned about
-        (the same weights are the ``checkpoints/teacher_backbone.pth`` artifact)."""
+        """The model as an MLflow model (signature from ``input_example``, batch size free), saved by ``torch.export``
+        (MLflow's ``pt2`` serialization: a graph and tensors, no pickle), so loading it from a shared store runs no
+        code a file could carry; ``mlflow.pytorch.load_model`` gives a module of the same outputs. A Python object
+        cannot wait in a queue on disk: tried once the queue is empty, else only warned about (the same weights
+        are the ``checkpoints/teacher_backbone.pth`` artifact)."""
         if not self.queue.flush() or self.run_id is None:
             log.warning("MLflow at %s unreachable: the MLflow model is skipped; the backbone is still queued as "
                         "checkpoints/teacher_backbone.pth", self.uri)
@@ -173,11 +175,16 @@ class RunTracker:
         try:
             mlflow.set_tracking_uri(self.uri)
             with mlflow.start_run(run_id=self.run_id):
-                mlflow.pytorch.log_model(model, name=name, input_example=input_example, serialization_format="pickle",
+                mlflow.pytorch.log_model(model, name=name, input_example=input_example, serialization_format="pt2",
                                          pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "timm",
                                                            "dino-ray"])
         except Exception as exc:  # noqa: BLE001 - tracking must not fail the run
             log.warning("MLflow at %s: the MLflow model was not logged (%s: %s)", self.uri, type(exc).__name__, exc)
+
+    def register(self, run_id: str, name: str, alias: str, model: str = "teacher_backbone") -> None:
+        """Register ``run_id``'s logged ``model`` as a new version of ``name`` with ``alias`` (``models:/name@alias``
+        then names it in every command that takes weights)."""
+        self.queue.put({"op": "register", "run": run_id, "name": name, "alias": alias, "model": model})
 
     def close_children(self, status: str = "KILLED") -> None:
         """Mark this run's child runs still RUNNING with ``status`` (a sweep's trials its scheduler stopped)."""
@@ -217,6 +224,15 @@ class RunTracker:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def end_run_by_key(uri: str, experiment: str, run_key: str, status: str, wait_s: float) -> bool:
+    """Set the final status of the MLflow run of a training run (all its restarts share ``run_key``): the driver's
+    word when the workers could not say it (killed); waits up to ``wait_s`` for an unreachable server."""
+    queue = CallQueue(uri)
+    queue.put({"op": "terminate_key", "experiment": experiment, "key": run_key, "status": status, "time": _now_ms()},
+              send=False)
+    return queue.flush(wait_s)
 
 
 def registered_model_run(uri: str, name: str, alias: Optional[str] = None, version: Optional[str] = None) -> str:
