@@ -89,7 +89,7 @@ def test_ray_tasks_write_the_same_shards_and_a_file_list_works(tmp_path, tiny_cf
     make_image_folder(tmp_path / "src")
     convert_images(tmp_path / "src", tmp_path / "here", rows_per_shard=5)
     config = tiny_cfg(augmentation="batched").to_dict()
-    ray.init(num_cpus=2, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, log_to_driver=False)
     try:
         summary = convert_job(tmp_path / "src", tmp_path / "ray", rows_per_shard=5)
         for source, listed in [(tmp_path / "src", 13), (tmp_path / "ray", 12)]:  # notes.txt is left out by name

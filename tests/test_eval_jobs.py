@@ -44,7 +44,7 @@ VAL = str(SAMPLE / "val.parquet")
 @pytest.fixture(scope="module")
 def pretraining(tmp_path_factory):
     """One real 2-epoch pretraining on Ray, tracked in its embedded MLflow store."""
-    ray.init(num_cpus=2, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, log_to_driver=False)
     out = tmp_path_factory.mktemp("pretraining")
     cfg = build_config(dict(TINY, epochs=2, data_path=str(SAMPLE / "train.parquet"), max_images=256,
                             output_dir=str(out)))

@@ -38,7 +38,7 @@ from dino_ray.platform.trainer import check_cluster_paths, pretrain_on_ray  # no
 
 @pytest.fixture(scope="module")
 def local_ray(s3_server):  # started first: Ray's processes inherit the S3 server's environment
-    ray.init(num_cpus=2, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -318,6 +318,8 @@ def test_local_paths_a_machine_of_the_cluster_cannot_see_are_refused_before_any_
     hidden.mkdir()
     shutil.copy(tiny_cfg().data_path, hidden / "rows.parquet")
     ray_bin = Path(sys.executable).parent / "ray"
+    current = Path("/tmp/ray/ray_current_cluster")  # `ray start` points later ray.init() calls at this cluster
+    before = current.read_text() if current.exists() else None
     node = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c",
                              f"mount -t tmpfs none {hidden} && exec {ray_bin} start --block --num-cpus=1 "
                              f"--address={ray.get_runtime_context().gcs_address}"],
@@ -336,3 +338,6 @@ def test_local_paths_a_machine_of_the_cluster_cannot_see_are_refused_before_any_
     finally:
         os.killpg(node.pid, signal.SIGKILL)
         node.wait()
+        current.unlink(missing_ok=True)
+        if before is not None:
+            current.write_text(before)

@@ -2,19 +2,25 @@
 sweep resumes without redoing or duplicating anything, and the parent/child runs hold the results."""
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
 
 pytestmark = pytest.mark.slow  # real Ray processes: make test, not make test-fast
 
+import mlflow.artifacts  # noqa: E402
+import mlflow.pytorch  # noqa: E402
+import torch  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from dino_ray.core.config import ConfigError  # noqa: E402
+from dino_ray.jobs.knn import KnnArgs, knn_job  # noqa: E402
 from dino_ray.platform.sweep import format_table, load_sweep, param_space  # noqa: E402
 
 from .conftest import SAMPLE, TINY  # noqa: E402
@@ -25,7 +31,7 @@ def write_sweep(tmp_path, **changes):
     decay 1000 shrinks the backbone's weights toward zero, so its features lose the images (measured k-NN top-1
     after 2 epochs: 22.3 with weight decay 0.04, 18.0 with 1000, on 256 held-out images)."""
     base = dict(TINY, epochs=3, lr=0.005, momentum_teacher=0.0, data_path=str(SAMPLE / "train.parquet"),
-                max_images=128, output_dir=str(tmp_path),
+                max_images=128, output_dir=str(tmp_path), **{"tracking.log_model": True},
                 eval={"knn_every": 1, "knn_val_data": str(SAMPLE / "val.parquet"), "knn_train_images": 256,
                       "knn_val_images": 256, "attention_images": 0})
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
@@ -50,6 +56,12 @@ def test_sweep_files_are_checked_before_any_trial(tmp_path):
     with pytest.raises(ConfigError, match="grid|choice"):
         load_sweep(write_sweep(tmp_path, search_space={"lr": [0.1, 0.2]}))
     assert load_sweep("experiments/sweeps/boosting_vit_small.yaml").base["scaling.num_workers"] == 16
+    with pytest.raises(ConfigError, match=r"scheduler.grace_period \(2\) exceeds the epochs a trial runs \(1\)"):
+        load_sweep("experiments/sweeps/cifar10_cpu.yaml", ["epochs=1"])  # before Ray starts, no folder made
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) 'num_sample' \(did you mean 'num_samples'"):
+        load_sweep(write_sweep(tmp_path, num_sample=2))
+    with pytest.raises(ConfigError, match="register=x needs the trials' MLflow models"):
+        load_sweep(write_sweep(tmp_path), ["register=x", "tracking.log_model=false"])
     cpu = load_sweep("experiments/sweeps/cifar10_cpu.yaml")  # the table shows a knob as given, not rounded
     table = format_table(cpu, [{"trial": "t0", "teacher_temp": 0.015, "seed": 1, "knn_top1_k20": 29.04,
                                 "epochs_run": 3, "status": "STOPPED"}])
@@ -61,10 +73,11 @@ def run_cli(*args):
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-def test_interrupted_sweep_resumes_and_asha_stops_the_weak_trial(tmp_path):
+def test_interrupted_sweep_resumes_and_asha_stops_the_weak_trial(tmp_path, monkeypatch):
+    """...then registers the best trial's teacher, which every command that takes weights finds by its alias."""
     spec_file = write_sweep(tmp_path)
     trials = tmp_path / "sweeps" / "wd" / "trials"
-    first = run_cli(str(spec_file))
+    first = run_cli(str(spec_file), "register=wd-teacher")
     deadline = time.time() + 300
     while time.time() < deadline and not list(trials.glob("*/checkpoint_epoch0000")):
         time.sleep(0.5)
@@ -72,7 +85,7 @@ def test_interrupted_sweep_resumes_and_asha_stops_the_weak_trial(tmp_path):
     os.killpg(first.pid, signal.SIGINT)  # Ctrl-C during the first trial
     first.communicate(timeout=120)
 
-    resumed = run_cli("--resume", "wd", "--storage_path", str(tmp_path / "sweeps"))
+    resumed = run_cli("--resume", "wd", "--storage_path", str(tmp_path / "sweeps"))  # register= as first given
     output, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, output[-3000:]
     assert "best:" in output and "checkpoint:" in output
@@ -102,6 +115,25 @@ def test_interrupted_sweep_resumes_and_asha_stops_the_weak_trial(tmp_path):
     # every epoch's monitor reached the trial's run (the epoch cut short by Ctrl-C before its checkpoint was
     # retrained after the resume, so its step may hold two values; the checkpoint lineage above has no repeat)
     assert sorted({m.step for m in client.get_metric_history(good_run.info.run_id, "knn_top1_k20")}) == [0, 1, 2]
+
+    # the best trial's teacher, registered as wd-teacher@best: an MLflow model saved without pickle, and weights
+    # every command takes by name
+    store = f"sqlite:///{tmp_path / 'sweeps' / 'wd' / 'mlflow.db'}"
+    version = client.get_model_version_by_alias("wd-teacher", "best")
+    assert version.run_id == good_run.info.run_id
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)  # the registry's store too, for this test only
+    model_dir = Path(mlflow.artifacts.download_artifacts("models:/wd-teacher@best", dst_path=str(tmp_path / "model")))
+    assert (model_dir / "data" / "model.pt2").exists() and not list(model_dir.rglob("*.pkl"))
+    with monkeypatch.context() as no_pickle:  # loading it unpickles nothing
+        no_pickle.setattr(pickle, "load", lambda *args, **kwargs: pytest.fail("pickle.load called"))
+        no_pickle.setattr(pickle, "loads", lambda *args, **kwargs: pytest.fail("pickle.loads called"))
+        teacher = mlflow.pytorch.load_model(str(model_dir))
+    assert teacher(torch.randn(3, 3, 16, 16)).shape == (3, 32)
+    record = knn_job(KnnArgs(pretrained_weights="models:/wd-teacher@best", tracking_uri=store, use_ray=False,
+                             train_data_path=str(SAMPLE / "train.parquet"), val_data_path=str(SAMPLE / "val.parquet"),
+                             max_train_images=256, max_val_images=128, nb_knn=[5], num_workers=0,
+                             output_dir=str(tmp_path / "knn")))
+    assert record["pretraining_run"] == good_run.info.run_id and record["checkpoint_epoch"] == 3
 
 
 def csv_rows(path):

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow  # real Ray Train runs and Ray tasks
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, log_to_driver=False)
     yield
     ray.shutdown()
 
