@@ -38,10 +38,12 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 
 from dino_ray.core.data.augment import IMAGENET_MEAN, IMAGENET_STD, DataAugmentationDINO
 from dino_ray.core.data.batched_augment import BatchedDataAugmentationDINO
+from dino_ray.core.data.cifar10 import SAMPLE as SAMPLE_FOLDER
+from dino_ray.core.data.cifar10 import shards
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "datasets" / "cifar10" / "train" / "part-00000.parquet"
-SAMPLE = ROOT / "data" / "cifar10_sample" / "train.parquet"
+SHARED = shards() / "part-00000.parquet"
+SAMPLE = SAMPLE_FOLDER / "train.parquet"
 SETTINGS = {
     "32px": dict(size=32, global_size=32, local_size=16, local_number=2, radius=(0.1, 0.5),
                  global_scale=(0.25, 1.0), local_scale=(0.05, 0.25)),

@@ -24,8 +24,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dino_ray.core.data.cifar10 import shards
+
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "datasets" / "cifar10" / "train"
+SHARED = shards()
 
 
 def eager_images(path: Path) -> tuple[list[bytes], list[int]]:

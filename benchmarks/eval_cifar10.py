@@ -16,13 +16,14 @@ from pathlib import Path
 import torch
 
 from dino_ray.core.config import build_config
+from dino_ray.core.data.cifar10 import SAMPLE, shards
 from dino_ray.core.models.build import random_init_backbone
 from dino_ray.core.models.hub import safe_load
 from dino_ray.eval.linear import LinearArgs, run_linear
 from dino_ray.jobs.knn import KnnArgs, knn_job
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "datasets" / "cifar10" / "train"
+SHARED = shards()
 
 
 def quickstart_checkpoint(given: str | None) -> Path:
@@ -37,7 +38,7 @@ def quickstart_checkpoint(given: str | None) -> Path:
 def cifar_shard(index: int, sample: str) -> str:
     """A shard of the shared CIFAR-10 Parquet, else the repository's sample file of that role."""
     shard = SHARED / f"part-{index:05d}.parquet"
-    return str(shard) if shard.exists() else str(ROOT / "data" / "cifar10_sample" / f"{sample}.parquet")
+    return str(shard) if shard.exists() else str(SAMPLE / f"{sample}.parquet")
 
 
 def random_init_checkpoint(checkpoint: Path, folder: Path) -> Path:

@@ -1,5 +1,6 @@
 """Scaling out, measured: 1 to 16 Ray Train workers on a fake multi-node cluster (CPU, one thread each), fed by
-Ray Data, each step's time split into compute, the gradient all-reduce and the wait for input.
+Ray Data, each step's time split into compute, the gradient all-reduce and the wait for input (medians over the steps of
+an epoch: each epoch of Ray Data starts with its shuffle, shown apart as the mean wait).
 
 The cluster is Ray's ``cluster_utils.Cluster`` on this machine: a head (the driver, Ray Data's decode and
 multi-crop tasks) and ``--nodes`` worker nodes of ``--cpus_per_node`` CPUs, the training workers spread over them
@@ -10,7 +11,7 @@ and timed) and every worker's epoch statistics collected by a Ray Train callback
 cores are shared, not because of DINO; the all-reduce's bytes are exact, its seconds are gloo over loopback.
 
 Usage: ``python benchmarks/scaling.py [--workers 1,2,4,8,16] [--nodes 4] [--cpus_per_node 4] [--steps 8]``;
-writes ``benchmarks/results/scaling.json`` and ``scaling.png``.
+writes ``benchmarks/results/scaling.json`` (``render_docs.py`` draws its plot on the benchmarks page).
 """
 from __future__ import annotations
 
@@ -22,20 +23,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import ray
+import torch
+from ray.cluster_utils import Cluster
+from ray.train import UserCallback
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import ray  # noqa: E402
-import torch  # noqa: E402
-from ray.cluster_utils import Cluster  # noqa: E402
-from ray.train import UserCallback  # noqa: E402
-
-from dino_ray.core.config import build_config  # noqa: E402
-from dino_ray.core.data.cifar10 import quickstart_data  # noqa: E402
-from dino_ray.core.models.build import build_student_teacher  # noqa: E402
-from dino_ray.platform.ray_train import fit  # noqa: E402
-from dino_ray.platform.trainer import absolute_data_paths, build_trainer  # noqa: E402
+from dino_ray.core.config import build_config
+from dino_ray.core.data.cifar10 import quickstart_data
+from dino_ray.core.models.build import build_student_teacher
+from dino_ray.platform.ray_train import fit
+from dino_ray.platform.trainer import absolute_data_paths, build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = dict(arch="vit_tiny", patch_size=4, embed_dim=64, depth=2, num_heads=2, out_dim=1024, head_hidden_dim=256,
@@ -73,12 +70,12 @@ def run(workers: int, batch: int, steps: int, data: str, work: Path) -> dict[str
     fit(build_trainer(cfg, callbacks=[EveryWorker(str(stats_file))]))
     wall = time.time() - start
     last = json.loads(stats_file.read_text().splitlines()[-1])  # every worker's second epoch
-    per_worker = [{"compute_s": m["step_time"] - m.get("allreduce_time", 0.0), "allreduce_s": m.get("allreduce_time",
-                                                                                                     0.0),
-                   "input_wait_s": m["data_time"], "peak_rss_mb": m["peak_rss_mb"]} for m in last]
+    per_worker = [{"compute_s": m["step_time_median"] - m.get("allreduce_time", 0.0),
+                   "allreduce_s": m.get("allreduce_time", 0.0), "input_wait_s": m["data_time_median"],
+                   "input_wait_mean_s": m["data_time"], "peak_rss_mb": m["peak_rss_mb"]} for m in last]
     step = {key: statistics.median(w[key] for w in per_worker) for key in ("compute_s", "allreduce_s",
-                                                                          "input_wait_s")}
-    step_s = sum(step.values())
+                                                                          "input_wait_s", "input_wait_mean_s")}
+    step_s = step["compute_s"] + step["allreduce_s"] + step["input_wait_s"]
     return {"workers": workers, "batch_per_worker": batch, "steps_per_epoch": steps,
             "images_per_s": round(workers * batch / step_s, 1), "step_s": round(step_s, 4),
             "median_step": {k: round(v, 4) for k, v in step.items()},
@@ -87,35 +84,13 @@ def run(workers: int, batch: int, steps: int, data: str, work: Path) -> dict[str
             "per_worker": [{k: round(v, 4) for k, v in w.items()} for w in per_worker], "wall_s": round(wall, 1)}
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    labels = [str(r["workers"]) for r in rows]
-    figure, (bars, rate) = plt.subplots(1, 2, figsize=(10, 3.6))
-    bottom = [0.0] * len(rows)
-    for key, name in (("compute_s", "compute"), ("allreduce_s", "gradient all-reduce"), ("input_wait_s",
-                                                                                      "input wait")):
-        values = [r["median_step"][key] for r in rows]
-        bars.bar(labels, values, bottom=bottom, label=name)
-        bottom = [b + v for b, v in zip(bottom, values)]
-    bars.set_xlabel("Ray Train workers (1 thread each, 2 physical cores)")
-    bars.set_ylabel("seconds per step (median worker)")
-    bars.legend(fontsize=8)
-    rate.plot([r["workers"] for r in rows], [r["images_per_s"] for r in rows], marker="o")
-    rate.set_xscale("log", base=2)
-    rate.set_xlabel("Ray Train workers")
-    rate.set_ylabel("images/s, all workers")
-    figure.suptitle("dino-ray pretrain on a fake multi-node cluster (CPU, gloo, Ray Data input)", fontsize=9)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", default="1,2,4,8,16")
     parser.add_argument("--nodes", type=int, default=4)
     parser.add_argument("--cpus_per_node", type=int, default=4)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scaling.json"))
     args = parser.parse_args()
     data, _, source = quickstart_data()
@@ -142,7 +117,6 @@ def main() -> None:
                                                                              f"{args.cpus_per_node} CPUs, one machine"},
               "model": MODEL, "data": source, "trainable_parameters_mb": round(parameters_mb, 3), "runs": rows}
     Path(args.out).write_text(json.dumps(record, indent=2))
-    plot(rows, Path(args.out).with_suffix(".png"))
     print(f"gradient all-reduce per step: {rows[-1]['allreduce_mb_per_step']} MiB measured, "
           f"{parameters_mb:.3f} MiB of trainable fp32 parameters; saved {args.out}")
 

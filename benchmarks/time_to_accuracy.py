@@ -3,8 +3,10 @@
 Curves, each trained for ``--minutes`` on the CIFAR-10 training shards 0-3 (40,000 images) and evaluated at a
 checkpoint every ``--minutes / --points`` minutes by the weighted k-NN (k=20, T=0.07, the first 10,000 training
 images as the memory bank, held-out shard 4 as the test set, backbone features):
-- ``shipped``: ``experiments/cifar10_cpu.yaml`` as shipped, through ``dino-ray pretrain``;
-- ``vit``: ``experiments/cifar10_cpu_vit.yaml`` (the ViT CPU recipe, for attention maps), the same way;
+- ``shipped_ray``: the ``cifar10_cpu`` recipe as a user runs it: ``dino-ray pretrain --config cifar10_cpu
+  budget_minutes=M`` on a local Ray, its k-NN monitor on;
+- ``shipped``: the same recipe and budget through the plain loop (``dino-ray pretrain --no-ray``);
+- ``vit``: the ``cifar10_cpu_vit`` recipe (the ViT CPU recipe, for attention maps), through the plain loop;
 - ``reference``: the reference's defaults (ViT-S/16, out_dim 65536, 8 local crops, batch 64, AdamW lr 5e-4)
   with only the crop sizes scaled to 32/16 px, its schedule shapes compressed into the budget (warmup 10 % and
   last layer frozen 1 % of the run, as 10 and 1 of its 100 epochs);
@@ -12,9 +14,10 @@ images as the memory bank, held-out shard 4 as the test set, backbone features):
   benchmark's own environment: ``pip install lightly``), same data, same k-NN.
 Random init (of the shipped recipe's network) and raw pixels are horizontal lines.
 
-Each DINO recipe first runs 2 short epochs to measure its step time, then is given ``--points`` epochs of
-``epoch_length`` iterations that fill the budget, with a checkpoint after each; the minutes on the x axis are
-the measured training time up to that checkpoint (start-up and evaluation excluded).
+Each DINO recipe runs with ``budget_minutes=--minutes`` and ``epochs=--points``: the run measures its own step
+time and sizes its epochs so that its whole schedule ends within the budget, with a checkpoint after each epoch;
+the minutes on the x axis are the run's training minutes up to that checkpoint (start-up, the step-time
+measurement and evaluation excluded; the whole command's wall time is recorded beside the curve).
 
 Usage: ``python benchmarks/time_to_accuracy.py [--minutes 20] [--points 10] [--recipes shipped,reference,lightly]``
 Writes ``benchmarks/results/time_to_accuracy.json`` and ``.png``; ``--merge`` adds the recipes run to the curves
@@ -34,22 +37,22 @@ from typing import Any, Optional
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-import yaml
 
-from dino_ray.core.config import build_config
+from dino_ray.core.config import load_config, recipe_path
 from dino_ray.core.data.augment import normalize_tensor
+from dino_ray.core.data.cifar10 import shards
 from dino_ray.core.data.datasets import decode_rgb
 from dino_ray.core.models.build import backbone_from_checkpoint, random_init_backbone
 from dino_ray.core.models.hub import safe_load
 from dino_ray.eval.knn import knn_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "datasets" / "cifar10" / "train"
-CALIBRATION_STEPS = 30
-RECIPES = {
-    "shipped": (ROOT / "experiments" / "cifar10_cpu.yaml", []),
-    "vit": (ROOT / "experiments" / "cifar10_cpu_vit.yaml", []),
-    "reference": (None, ["use_fp16=false", "global_crops_size=32", "local_crops_size=16", "num_workers=1"]),
+SHARED = shards()
+RECIPES = {  # name: (recipe, overrides, on Ray)
+    "shipped_ray": (recipe_path("cifar10_cpu"), [], True),
+    "shipped": (recipe_path("cifar10_cpu"), [], False),
+    "vit": (recipe_path("cifar10_cpu_vit"), [], False),
+    "reference": (None, ["use_fp16=false", "global_crops_size=32", "local_crops_size=16", "num_workers=1"], False),
 }
 
 
@@ -77,59 +80,53 @@ def knn_top1(bank: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, 
     return knn_classifier(f_bank, bank[1], f_test, test[1], k=20, T=0.07)[0]
 
 
-def pretrain(config: Optional[Path], overrides: list[str], out: Path) -> list[dict[str, Any]]:
-    """``dino-ray pretrain --no-ray`` in a subprocess; returns its log.txt lines."""
-    cmd = [sys.executable, "-m", "dino_ray.cli", "pretrain", "--no-ray"] + \
+def pretrain(config: Optional[Path], overrides: list[str], out: Path, on_ray: bool) -> list[Path]:
+    """``dino-ray pretrain`` (``--no-ray`` unless ``on_ray``) in a subprocess; returns its kept checkpoints, in order
+    (each beside the log.txt of its epochs)."""
+    cmd = [sys.executable, "-m", "dino_ray.cli", "pretrain", *([] if on_ray else ["--no-ray"])] + \
         (["--config", str(config)] if config else []) + [*overrides, f"output_dir={out}"]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "TQDM_DISABLE": "1"})
-    return [json.loads(line) for line in open(out / "log.txt")]
+    return checkpoints(out, on_ray)
 
 
-def finished_log(folder: Path, points: int, checkpoints: bool = True) -> Optional[list[dict[str, Any]]]:
-    """The log of a run of ``points`` epochs that completed in ``folder`` (a reused work folder), else None."""
-    log = folder / "log.txt"
-    lines = [json.loads(line) for line in open(log)] if log.exists() else []
-    done = len(lines) == points and (not checkpoints or all((folder / f"checkpoint{i:04}.pth").exists()
-                                                            for i in range(points)))
-    return lines if done else None
+def checkpoints(out: Path, on_ray: bool) -> list[Path]:
+    """A run's per-epoch checkpoints: Ray Train's checkpoint folders, or the plain loop's checkpointNNNN.pth."""
+    if on_ray:
+        return sorted(out.glob("ray_results/*/checkpoint_epoch*/checkpoint.pth"))
+    return sorted(out.glob("checkpoint0*.pth"))
 
 
 def dino_curve(name: str, train_data: Path, minutes: float, points: int, work: Path,
                bank: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
                extra: list[str]) -> dict[str, Any]:
-    """Calibrate, train through ``dino-ray pretrain`` and evaluate every checkpoint; a run that already finished
-    in ``work`` (``--reuse``) is evaluated again without retraining."""
-    config, overrides = RECIPES[name]
-    base = [*overrides, f"data_path={train_data}", "max_images=null", *extra]
-    # the second of 2 epochs of CALIBRATION_STEPS: an epoch's start (the loader's worker) weighs on 8 steps
-    # (1.22 s a step measured against 0.89 in the run), not on 30
-    calibration = finished_log(work / f"{name}-calibrate", 2, checkpoints=False) or pretrain(
-        config, [*base, "epochs=2", f"epoch_length={CALIBRATION_STEPS}", "saveckp_freq=0", "warmup_epochs=0",
-                 "freeze_last_layer=0"], work / f"{name}-calibrate")
-    steps = yaml.safe_load((work / f"{name}-calibrate" / "config.yaml").read_text())["epoch_length"]  # a reused
-    step_seconds = calibration[-1]["train_epoch_seconds"] / steps  # folder may hold an earlier calibration
-    epoch_length = max(1, int(minutes * 60 / points / step_seconds))
-    schedule = ["warmup_epochs=1", "freeze_last_layer=0.1"] if name == "reference" else []
-    print(f"{name}: {step_seconds:.3f} s/step -> {points} epochs of {epoch_length} iterations", flush=True)
-    log = finished_log(work / name, points) or pretrain(
-        config, [*base, *schedule, f"epochs={points}", f"epoch_length={epoch_length}", "saveckp_freq=1"], work / name)
-    elapsed, curve = 0.0, []
-    for line in log:
-        elapsed += line["train_epoch_seconds"]
-        checkpoint = work / name / f"checkpoint{line['epoch']:04}.pth"
+    """Train through ``dino-ray pretrain`` with the budget and evaluate every epoch's checkpoint; a run that already
+    finished in ``work`` (``--reuse``) is evaluated again without retraining."""
+    config, overrides, on_ray = RECIPES[name]
+    schedule = ["warmup_epochs=1", "freeze_last_layer=0.1"] if name == "reference" else []  # 10 and 1 of 100
+    start = time.time()
+    kept = checkpoints(work / name, on_ray)
+    if len(kept) != points:
+        kept = pretrain(config, [*overrides, f"data_path={train_data}", "max_images=null", *schedule, *extra,
+                                 f"budget_minutes={minutes}", f"epochs={points}", "saveckp_freq=1"],
+                        work / name, on_ray)
+    wall = time.time() - start
+    log = [json.loads(line) for line in open(kept[-1].parent / "log.txt")] if on_ray else \
+        [json.loads(line) for line in open(work / name / "log.txt")]
+    curve = []
+    for line, checkpoint in zip(log, kept):
         backbone, _ = backbone_from_checkpoint(str(checkpoint), checkpoint_key="teacher")
-        curve.append({"minutes": round(elapsed / 60, 2), "knn_top1": knn_top1(bank, test, backbone),
-                      "images": (line["epoch"] + 1) * epoch_length * int(safe_load(checkpoint)["args"]
-                                                                          ["batch_size_per_gpu"]),
-                      "loss": line["train_loss"]})
+        batch = int(safe_load(checkpoint)["args"]["batch_size_per_gpu"])
+        curve.append({"minutes": round(line["train_minutes"], 2), "knn_top1": knn_top1(bank, test, backbone),
+                      "images": (line["epoch"] + 1) * int(line["train_plan_epoch_length"]) * batch,
+                      "loss": line["train_loss"], "lr": line["train_lr"]})
         print(f"  {name} {curve[-1]}", flush=True)
-    return {"step_seconds": step_seconds, "epoch_length": epoch_length, "curve": curve}
+    return {"step_seconds": log[0]["train_plan_step_seconds"], "epoch_length": int(log[0]["train_plan_epoch_length"]),
+            "command_minutes": round(wall / 60, 2), "on_ray": on_ray, "curve": curve}
 
 
 def random_init_top1(config: Path, bank: tuple[torch.Tensor, torch.Tensor],
                      test: tuple[torch.Tensor, torch.Tensor]) -> float:
-    cfg = build_config(yaml.safe_load(config.read_text()))
-    return knn_top1(bank, test, random_init_backbone(cfg))
+    return knn_top1(bank, test, random_init_backbone(load_config(config)))
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -173,7 +170,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=20)
     parser.add_argument("--points", type=int, default=10)
-    parser.add_argument("--recipes", default="shipped,vit,reference,lightly")
+    parser.add_argument("--recipes", default="shipped_ray,shipped,vit,reference,lightly")
     parser.add_argument("--test_images", type=int, default=10000)
     parser.add_argument("--work_dir", default=str(ROOT / "outputs" / "time_to_accuracy"))
     parser.add_argument("--reuse", default=None, help="an earlier run's folder: its finished curves are evaluated "

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny configs and small real image sets (CIFAR-10 rows from ../shared, or the shipped sample)."""
+"""Shared fixtures: tiny configs and small real image sets (CIFAR-10 rows of the package's sample)."""
 from __future__ import annotations
 
 import socket
@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from dino_ray.core.config import build_config
+from dino_ray.core.data.cifar10 import SAMPLE, shards  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10" / "train"
-SAMPLE = ROOT / "data" / "cifar10_sample"
+SHARED_CIFAR = shards()  # the data root's CIFAR-10 (DINO_RAY_DATA), when there
 
 torch.set_num_threads(2)
 

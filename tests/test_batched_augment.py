@@ -3,7 +3,6 @@ every random decision fires at its stated probability, and the views match the r
 import io
 import math
 import random
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -15,8 +14,9 @@ from torchvision.transforms.v2 import functional as TF
 
 from dino_ray.core.data import batched_augment as B
 from dino_ray.core.data.augment import IMAGENET_MEAN, IMAGENET_STD, DataAugmentationDINO
+from dino_ray.core.data.cifar10 import SAMPLE as SAMPLE_FOLDER
 
-SAMPLE = Path(__file__).resolve().parents[1] / "data" / "cifar10_sample" / "train.parquet"
+SAMPLE = SAMPLE_FOLDER / "train.parquet"
 DRAWS = 4000
 
 

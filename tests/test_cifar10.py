@@ -1,4 +1,5 @@
-"""Where the quickstart's CIFAR-10 comes from: given paths, ../shared, torchvision's download, the sample."""
+"""Where the quickstart's CIFAR-10 comes from: given paths, the data root's shards, torchvision's download, the
+package's sample."""
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -13,22 +14,22 @@ def test_given_paths_come_first_and_go_in_pairs():
         cifar10.quickstart_data("a.parquet", None)
 
 
-def test_shared_shards_then_download_then_sample(tmp_path, monkeypatch):
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    (shared / "part-00004.parquet").touch()
-    monkeypatch.setattr(cifar10, "SHARED", shared)
+def test_the_data_roots_shards_then_download_then_sample(tmp_path, monkeypatch):
+    shards = tmp_path / "data" / "cifar10" / "train"
+    shards.mkdir(parents=True)
+    (shards / "part-00004.parquet").touch()
+    monkeypatch.setenv("DINO_RAY_DATA", str(tmp_path / "data"))
     train, val, source = cifar10.quickstart_data()
-    assert (train, val) == (str(shared / "part-00000.parquet"), str(shared / "part-00004.parquet"))
-    assert source.startswith("shared CIFAR-10")
+    assert (train, val) == (str(shards / "part-00000.parquet"), str(shards / "part-00004.parquet"))
+    assert source.startswith("CIFAR-10 shards in the data root")
 
-    monkeypatch.setattr(cifar10, "SHARED", tmp_path / "absent")  # a fresh clone: no ../shared
+    monkeypatch.setenv("DINO_RAY_DATA", str(tmp_path / "absent"))  # a fresh install: nothing there yet
     monkeypatch.delenv("DINO_RAY_OFFLINE", raising=False)
     monkeypatch.setattr(cifar10, "online", lambda: True)
     monkeypatch.setattr(cifar10, "cifar10_parquet", lambda: (tmp_path / "train", tmp_path / "test"))
     assert cifar10.quickstart_data()[:2] == (str(tmp_path / "train"), str(tmp_path / "test"))
     monkeypatch.setenv("DINO_RAY_OFFLINE", "1")  # the switch that skips the download
-    assert cifar10.quickstart_data()[2].startswith("the repository's sample")
+    assert cifar10.quickstart_data()[2].startswith("the package's sample")
     monkeypatch.delenv("DINO_RAY_OFFLINE")
 
     def failing_download():
@@ -38,7 +39,7 @@ def test_shared_shards_then_download_then_sample(tmp_path, monkeypatch):
     train, val, source = cifar10.quickstart_data()
     assert (train, val) == (str(cifar10.SAMPLE / "train.parquet"), str(cifar10.SAMPLE / "val.parquet"))
     monkeypatch.setattr(cifar10, "online", lambda: False)
-    assert cifar10.quickstart_data()[2].startswith("the repository's sample")
+    assert cifar10.quickstart_data()[2].startswith("the package's sample")
 
 
 def test_sample_is_within_its_budget_and_disjoint_from_its_held_out_part():

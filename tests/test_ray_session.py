@@ -1,11 +1,16 @@
 """One way to Ray for every command: ``ray_session`` joins or starts, ``map_tasks`` runs calls as Ray tasks in
 order with a bar."""
+import os
 import time
 
 import pytest
 import ray
 
 from dino_ray.platform.ray_session import map_tasks, ray_session
+
+
+def niceness() -> int:
+    return os.nice(0)
 
 
 def slow_power(base: int, exponent: int) -> int:
@@ -18,6 +23,8 @@ def test_a_session_started_here_is_shut_down_and_a_held_one_is_left(capsys):
     assert not ray.is_initialized()
     with ray_session(num_cpus=2):
         assert ray.is_initialized()
+        # its workers train at the plain loop's priority (Ray's default niceness, 15, yields to every daemon)
+        assert ray.get(ray.remote(niceness).remote()) == 0
         with ray_session():  # a command inside another (the quickstart's pretraining): joins, leaves it running
             assert map_tasks(slow_power, [(2, 3), (3, 2), (5, 1)], "powers", unit="call") == [8, 9, 5]
         assert ray.is_initialized()

@@ -138,3 +138,25 @@ def ray_train_rank(loop_config: dict) -> None:
     cfg = build_config(loop_config["config"])
     torch.set_num_threads(1)
     train_dino(cfg, show_progress=False, epoch_batches=handed_in(cfg, ray.train.get_context().get_world_rank()))
+
+
+def _profiled_rank(rank: int, world: int, cfg, init_file: str, results) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
+    stats = train_dino(cfg, show_progress=False, epoch_batches=handed_in(cfg, rank))
+    results[rank] = stats
+    dist.destroy_process_group()
+
+
+def test_the_profiled_all_reduce_sends_the_trainable_parameters_every_step(tmp_path):
+    """``profile_allreduce``: the gradient all-reduce timed apart, its bytes those of the student's trainable fp32
+    parameters (what the dry-run's scaling plan counts)."""
+    from dino_ray.core.train.plan import gradient_bytes
+
+    cfg = config(FAMILIES["resnet_bn_head_sinkhorn"], 2, tmp_path, profile_allreduce=True)
+    results = mp.Manager().dict()
+    mp.start_processes(_profiled_rank, args=(2, cfg, str(tmp_path / "init"), results), nprocs=2, start_method="fork")
+    for stats in results.values():
+        assert stats["allreduce_time"] > 0 and stats["allreduce_time"] < stats["step_time"]
+        assert stats["allreduce_mb"] * 2**20 == pytest.approx(gradient_bytes(cfg))

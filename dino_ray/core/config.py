@@ -9,6 +9,7 @@ sit after the reference's own and say so in their comment.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, get_type_hints
@@ -17,6 +18,8 @@ import yaml
 
 from dino_ray.core.args import ConfigError, below, coerce, one_of, unknown_keys
 
+DATA_ROOT = "DINO_RAY_DATA"  # the environment variable of the datasets' folder
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"  # package data: the shipped configs and sweeps
 VIT_ARCHS = ("vit_tiny", "vit_small", "vit_base")
 VIT_SHAPE_KEYS = ("embed_dim", "depth", "num_heads")  # a non-standard ViT's width, depth and heads
 ARCHS = (*VIT_ARCHS, "resnet50")  # the paper's; ``arch`` takes any torchvision architecture besides
@@ -187,6 +190,7 @@ class DINOConfig:
     stem: str = "default"  # small / small_stride2: 3x3 ResNet stem without max-pool; conv: ViT conv stem
     width: float = 1.0  # ResNet stage widths x this
     epoch_length: Optional[int] = None  # iterations per epoch (dinov2's OFFICIAL_EPOCH_LENGTH); None: the dataset
+    budget_minutes: Optional[float] = None  # size the run (epoch_length) to end its schedule within these minutes
     momentum_teacher_end: float = 1.0  # the teacher momentum's cosine ends here (the reference: 1)
     centering: str = "centering"  # or sinkhorn_knopp (DINOv2): how the teacher's output is centred
     koleo_loss_weight: float = 0.0  # DINOv2's KoLeo regulariser on the student's global-view features (it uses 0.1)
@@ -241,6 +245,8 @@ def _schedule_problems(cfg: DINOConfig) -> list[str]:
                  if not 0 <= getattr(cfg, key) <= 1]
     problems += [f"{key} ({getattr(cfg, key)}) exceeds epochs ({cfg.epochs})"
                  for key in ("warmup_epochs", "warmup_teacher_temp_epochs") if getattr(cfg, key) > cfg.epochs]
+    if cfg.budget_minutes is not None and cfg.budget_minutes <= 0:
+        problems.append(f"budget_minutes must be > 0 or null, got {cfg.budget_minutes}")
     return problems + below(cfg, ("lr", "min_lr", "weight_decay", "weight_decay_end", "clip_grad",
                                   "warmup_teacher_temp", "teacher_temp", "koleo_loss_weight", "warmup_epochs",
                                   "freeze_last_layer", "warmup_teacher_temp_epochs"), 0) + \
@@ -279,6 +285,18 @@ def _validate(cfg: DINOConfig) -> None:
         raise ConfigError("invalid config: " + "; ".join(problems))
 
 
+def data_root() -> Path:
+    """Where datasets live: ``DINO_RAY_DATA``, by default ``~/.cache/dino-ray``. A config names a dataset inside it
+    as ``${DINO_RAY_DATA}/...`` (the shipped recipes do), so one setting moves every recipe's data."""
+    return Path(os.environ.get(DATA_ROOT) or Path.home() / ".cache" / "dino-ray").expanduser()
+
+
+def expand_data_root(values: dict[str, Any]) -> dict[str, Any]:
+    """``${DINO_RAY_DATA}`` in the string values replaced by the data root."""
+    marker = "${" + DATA_ROOT + "}"
+    return {k: v.replace(marker, str(data_root())) if isinstance(v, str) else v for k, v in values.items()}
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """``["lr=1e-3", "global_crops_scale=[0.3,1]"]`` -> ``{"lr": 0.001, ...}`` (values parsed as YAML)."""
     parsed = {}
@@ -313,14 +331,31 @@ def build_config(values: dict[str, Any], source: str = "config") -> DINOConfig:
     return cfg
 
 
+def recipes() -> list[str]:
+    """The names of the recipes the package ships (``dino_ray/recipes/*.yaml``: the paper's runs, the CPU recipes)."""
+    return sorted(path.stem for path in RECIPES.glob("*.yaml"))
+
+
+def recipe_path(name_or_path: str | Path, folder: str = "") -> Path:
+    """A config file: a path, or the name of a shipped recipe (``cifar10_cpu``; a sweep: ``sweeps/cifar10_cpu``),
+    so that the recipes work from an installed package as from the checkout."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = RECIPES / folder / f"{path.name.removesuffix('.yaml')}.yaml"
+    if path.parent == Path(".") and shipped.is_file():
+        return shipped
+    names = sorted(p.stem for p in (RECIPES / folder).glob("*.yaml"))
+    raise ConfigError(f"config file '{name_or_path}' does not exist, nor is it a shipped recipe "
+                      f"({', '.join(names)})")
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> DINOConfig:
-    """Defaults <- YAML file at ``path`` <- ``key=value`` overrides."""
+    """Defaults <- YAML file at ``path`` (or a shipped recipe's name) <- ``key=value`` overrides."""
     values: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file '{path}' does not exist")
+        path = recipe_path(path)
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
@@ -330,7 +365,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         values.update(flatten(loaded))
         source = str(path)
     values.update(flatten(parse_overrides(overrides or [])))
-    return build_config(values, source)
+    return build_config(expand_data_root(values), source)
 
 
 def save_config(cfg: DINOConfig, path: str | Path) -> None:

@@ -1,7 +1,8 @@
 """Schedules, parameter groups, per-parameter clipping, last-layer freezing and LARS.
 
-The reference's ``utils.py`` helpers with the same names and semantics (see
-``../shared/notes/reference-facts.md`` items 1-5 in this repository's design notes).
+The reference's ``utils.py`` helpers with the same names and semantics: the warmup ``linspace`` with its endpoint,
+the unscaled ``min_lr``, clipping per parameter, weight decay on every tensor of 2+ dimensions, and the frozen last
+layer skipped by the optimizer (see the documentation's "Differences from the reference").
 """
 from __future__ import annotations
 

@@ -15,7 +15,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class PretrainArgs:
     """How a pretraining is launched; what it trains is the config (``--config`` and ``key=value`` overrides)."""
-    config: Optional[str] = arg(None, "YAML file of main_dino.py flags (experiments/*.yaml)")
+    config: Optional[str] = arg(None, "a shipped recipe's name (cifar10_cpu, vit_small_16_100ep, ...) or a YAML file "
+                                      "of main_dino.py flags")
     overrides: list[str] = arg(help="key=value overrides, e.g. lr=1e-3 epochs=10", factory=list, positional=True)
     resume_from: Optional[str] = arg(None, "checkpoint to resume from: a file, an s3:// or gs:// URI, an MLflow run "
                                            "(<run id>, runs:/...) or a registered model (models:/<name>@<alias>); "

@@ -1,6 +1,6 @@
 """``make quickstart``: a small real DINO pretraining on local Ray, k-NN and attention maps, all in MLflow.
 
-Runs offline in minutes on 2 CPU cores: ``experiments/cifar10_cpu.yaml`` on a 1-worker Ray Train
+Runs offline in minutes on 2 CPU cores: the ``cifar10_cpu`` recipe on a 1-worker Ray Train
 run (a local Ray instance is started), tracked in the embedded MLflow store under the output
 folder; then the weighted k-NN (k=20, T=0.07) on a held-out split, for the pretrained teacher, for
 the same network at its random initialisation and for the raw pixels, so the gain from pretraining is
@@ -20,7 +20,8 @@ from dino_ray.core.args import arg
 from dino_ray.jobs.common import track
 
 log = logging.getLogger(__name__)
-CONFIG = Path(__file__).resolve().parents[2] / "experiments" / "cifar10_cpu.yaml"
+CONFIG = "cifar10_cpu"  # a shipped recipe's name: the package carries it
+BUDGET_MINUTES = 4.5  # of training steps: with Ray's start-up and the last checkpoint, about 5 minutes on 2 cores
 
 
 def random_subset(dataset: Any, count: int, seed: int = 0) -> Any:
@@ -36,8 +37,10 @@ def random_subset(dataset: Any, count: int, seed: int = 0) -> Any:
 
 def run_quickstart(train_data: Optional[str], val_data: Optional[str], output_dir: str,
                    overrides: Optional[list[str]] = None, knn_train_images: int = 5000, knn_val_images: int = 2000,
-                   attention_images: int = 4, config: str | Path = CONFIG) -> dict:
-    """Pretrain on Ray, evaluate, log to MLflow, write ``quickstart.json``; returns its content."""
+                   attention_images: int = 4, config: str | Path = CONFIG,
+                   budget_minutes: Optional[float] = BUDGET_MINUTES) -> dict:
+    """Pretrain on Ray (its schedule sized to ``budget_minutes`` unless None: the recipe's epochs), evaluate, log
+    to MLflow, write ``quickstart.json``; returns its content."""
     from torch import nn
 
     from dino_ray.core.config import load_config
@@ -57,7 +60,8 @@ def run_quickstart(train_data: Optional[str], val_data: Optional[str], output_di
     out = Path(output_dir).resolve()
     run_name = time.strftime("quickstart-%Y%m%d-%H%M%S")  # a new run each time; earlier ones stay comparable
     cfg = load_config(config, [f"data_path={train_data}", f"output_dir={out}", "scaling.num_workers=1",
-                               f"run.name={run_name}", f"eval.knn_val_data={val_data}", *(overrides or [])])
+                               f"run.name={run_name}", f"eval.knn_val_data={val_data}",
+                               *([f"budget_minutes={budget_minutes}"] if budget_minutes else []), *(overrides or [])])
     with ray_session(include_dashboard=True):
         start = time.time()
         result = pretrain_on_ray(cfg)
@@ -70,9 +74,10 @@ def run_quickstart(train_data: Optional[str], val_data: Optional[str], output_di
     weights = resolve_checkpoint(str(final / "checkpoint.pth"), uri)  # with its run id and epoch: runs nest under it
 
     transform = eval_transform(cfg.global_crops_size, cfg.global_crops_size)
+    val_set = build_dataset(val_data, transform)
+    require_labels(val_set, val_data, "the quickstart's k-NN")
     knn_train = random_subset(build_dataset(train_data, transform), knn_train_images)
-    knn_val = random_subset(build_dataset(val_data, transform), knn_val_images)
-    require_labels(knn_val, val_data, "the quickstart's k-NN")
+    knn_val = random_subset(val_set, knn_val_images)
     random_init = random_init_backbone(cfg)
     pretrained, _ = backbone_from_checkpoint(weights.path)
     results = {}
@@ -95,8 +100,11 @@ def run_quickstart(train_data: Optional[str], val_data: Optional[str], output_di
         track("attention", {"images": attention_images, "threshold": 0.6, "image_size": 4 * cfg.global_crops_size},
               {}, {}, weights, uri, figures, [f"attention/{file.parent.name}" for file in figures])
 
-    losses = [json.loads(line)["train_loss"] for line in open(final / "log.txt")]
-    summary = {"train_minutes": round(train_minutes, 2), "epochs": cfg.epochs, "data": data_source,
+    stats = [json.loads(line) for line in open(final / "log.txt")]
+    losses = [line["train_loss"] for line in stats]
+    summary = {"train_minutes": round(train_minutes, 2), "budget_minutes": cfg.budget_minutes,
+               "epochs": len(stats), "epoch_length": stats[-1].get("train_plan_epoch_length", cfg.epoch_length),
+               "step_seconds": stats[-1]["train_step_time"], "lr_last": stats[-1]["train_lr"], "data": data_source,
                "train_data": train_data, "val_data": val_data, "arch": cfg.arch, "loss_first_epoch": losses[0],
                "loss_last_epoch": losses[-1], "images_per_s": result.metrics.get("images_per_s"),
                "knn_train_images": len(knn_train), "knn_val_images": len(knn_val), "knn_k20": results,
@@ -112,7 +120,10 @@ class QuickstartArgs:
                                           "or the repository's sample)")
     val_data: Optional[str] = arg(None, "held-out labelled images for k-NN")
     output_dir: str = arg("outputs/quickstart", "the run, its MLflow store and quickstart.json go here")
-    config: str = arg(str(CONFIG), "the recipe (experiments/cifar10_cpu_vit.yaml: a ViT, with attention maps)")
+    config: str = arg(CONFIG, "the recipe: a shipped one's name (cifar10_cpu_vit: a ViT, with attention maps) or a "
+                              "YAML file")
+    budget_minutes: float = arg(BUDGET_MINUTES, "minutes of training steps the schedule is sized to (0: the recipe's "
+                                                "epochs)")
     overrides: list[str] = arg(help="key=value config overrides", factory=list, positional=True)
 
 
@@ -120,17 +131,20 @@ def quickstart_job(args: QuickstartArgs) -> dict:
     """``run_quickstart``, then what it shows: the loss, the k-NN against its baselines, where everything went."""
     from dino_ray.platform.tracking.store import ui_command
 
-    summary = run_quickstart(args.train_data, args.val_data, args.output_dir, args.overrides, config=args.config)
+    summary = run_quickstart(args.train_data, args.val_data, args.output_dir, args.overrides, config=args.config,
+                             budget_minutes=args.budget_minutes or None)
     knn = summary["knn_k20"]
-    print(f"\nDINO pretraining: {summary['epochs']} epochs in {summary['train_minutes']} min, "
-          f"loss {summary['loss_first_epoch']:.3f} -> {summary['loss_last_epoch']:.3f}")
+    budget = f" (a budget of {summary['budget_minutes']:g} min of steps)" if summary["budget_minutes"] else ""
+    print(f"\nDINO pretraining: {summary['epochs']} epochs x {summary['epoch_length']} iterations in "
+          f"{summary['train_minutes']} min{budget}, loss {summary['loss_first_epoch']:.3f} -> "
+          f"{summary['loss_last_epoch']:.3f}, lr at its end {summary['lr_last']:.2e}")
     print(f"data: {summary['data']}")
     print(f"k-NN top-1 (k=20) on {summary['knn_val_images']} held-out images: "
           f"pretrained teacher {knn['pretrained']['top1']:.1f}%, random init {knn['random_init']['top1']:.1f}%, "
           f"raw pixels {knn['raw_pixels']['top1']:.1f}%")
     print(f"checkpoint: {summary['checkpoint']}" + (f"; attention maps: {summary['attention']}" if summary["attention"]
                                                      else f" ({summary['arch']}: no attention maps; a ViT recipe "
-                                                          f"has them: --config experiments/cifar10_cpu_vit.yaml)"))
+                                                          f"has them: --config cifar10_cpu_vit)"))
     print(f"MLflow run {summary['mlflow_run_id']} (its evaluations nested under it). Open the UI with:")
     print(f"  {ui_command(summary['tracking_uri'])}")
     return summary

@@ -9,7 +9,7 @@ from dino_ray.core.args import arg
 
 @dataclass
 class SweepArgs:
-    spec: Optional[str] = arg(None, "sweep file, e.g. experiments/sweeps/cifar10_cpu.yaml", positional=True)
+    spec: Optional[str] = arg(None, "a shipped sweep's name (cifar10_cpu) or a sweep YAML file", positional=True)
     overrides: list[str] = arg(help="key=value overrides of the base config, e.g. epochs=2", factory=list,
                                positional=True)
     resume: Optional[str] = arg(None, "continue the interrupted sweep NAME")
@@ -24,7 +24,7 @@ def sweep_job(args: SweepArgs) -> list[dict[str, Any]]:
         spec, rows = resume_sweep(args.resume, args.storage_path or "outputs/sweeps")
     else:
         if not args.spec:
-            raise ValueError("give a sweep file (experiments/sweeps/*.yaml) or --resume NAME")
+            raise ValueError("give a sweep (a shipped name such as cifar10_cpu, or a YAML file) or --resume NAME")
         spec = load_sweep(args.spec, args.overrides)
         spec.storage_path = args.storage_path or spec.storage_path
         rows = run_sweep(spec)

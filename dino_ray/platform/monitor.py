@@ -9,6 +9,7 @@ the checkpoint's epoch. Its metrics are also attached to the checkpoint by Ray.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from dino_ray.platform.logs import log_to_stderr
 from dino_ray.platform.tracking.store import RUN_ID_FILE
 
 log = logging.getLogger(__name__)
+MONITOR_NICENESS = 19  # the lowest priority: the monitor must not slow the training it watches
 
 
 def knn_monitor(checkpoint: Any, config: dict[str, Any], epoch: int) -> dict[str, float]:
@@ -58,3 +60,10 @@ def knn_monitor(checkpoint: Any, config: dict[str, Any], epoch: int) -> dict[str
         log_to_run(tracking_uri(cfg), run_id, metrics, step=epoch,
                    artifacts=tuple((file, f"attention/epoch{epoch:04d}") for file in figures))
     return metrics
+
+
+def knn_monitor_task(checkpoint: Any, config: dict[str, Any], epoch: int) -> dict[str, float]:
+    """``knn_monitor`` as Ray's asynchronous validation task: at the lowest priority, so that on shared cores it
+    takes only the CPU the training leaves idle and the training keeps its pace."""
+    os.nice(max(0, MONITOR_NICENESS - os.nice(0)))
+    return knn_monitor(checkpoint, config, epoch)

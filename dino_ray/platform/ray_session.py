@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator, Sequence
 from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
+LOCAL_WORKER_NICENESS = 0  # Ray's default is 15
 AUTH_HINT = ("the Ray cluster asks for its authentication token (Ray's default token auth): export "
              "RAY_AUTH_MODE=token on this machine, with the cluster's token in ~/.ray/auth_token, or start the "
              "cluster with RAY_AUTH_MODE=disabled")
@@ -24,13 +25,21 @@ AUTH_HINT = ("the Ray cluster asks for its authentication token (Ray's default t
 def ray_session(**init_kwargs: Any) -> Iterator[None]:
     """The Ray session of one command: the one this process already holds (left as it is), else
     ``RAY_ADDRESS``'s cluster, else a new local instance, shut down at the end. ``init_kwargs`` go to
-    ``ray.init`` (the dashboard stays on: Train V2 floods the log without it)."""
+    ``ray.init`` (the dashboard stays on: Train V2 floods the log without it).
+
+    Ray starts its worker processes niced (15): on a cluster that keeps its daemons responsive, but on a laptop
+    the training then yields the cores to every daemon and loses a share of its speed to them (measured in
+    ``benchmarks/ray_tax.py``). A local instance started here runs its workers at the normal priority; the
+    k-NN monitor lowers its own (``dino_ray.platform.monitor``)."""
     import ray
 
     if ray.is_initialized():
         yield
         return
     address = os.environ.get("RAY_ADDRESS")
+    if not address:  # a new instance on this machine, its training workers at the priority of the plain loop
+        init_kwargs = {"address": "local", "_system_config": {"worker_niceness": LOCAL_WORKER_NICENESS},
+                       **init_kwargs}
     try:
         context = ray.init(**init_kwargs)
     except Exception as exc:  # noqa: BLE001 - re-raised, with what to do when it is the token

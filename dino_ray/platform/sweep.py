@@ -46,7 +46,7 @@ from ray.tune.integration.ray_train import TuneReportCallback  # noqa: E402
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler  # noqa: E402
 
 from dino_ray.core.args import ConfigError, arg, build_args, check, one_of, unknown_keys  # noqa: E402
-from dino_ray.core.config import build_config, flatten, load_config, parse_overrides  # noqa: E402
+from dino_ray.core.config import build_config, flatten, load_config, parse_overrides, recipe_path  # noqa: E402
 from dino_ray.platform.ray_session import ray_session  # noqa: E402
 from dino_ray.platform.ray_train import fit  # noqa: E402
 from dino_ray.platform.tracking.runs import RunTracker  # noqa: E402
@@ -109,9 +109,7 @@ class SweepSpec:
 def load_sweep(path: str | Path, overrides: Optional[list[str]] = None) -> SweepSpec:
     """Read and check a sweep file; ``key=value`` overrides apply to the base config (``epochs=2``), or to the
     sweep itself for its own keys (``register=dino-cifar``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"sweep file '{path}' does not exist")
+    path = recipe_path(path, "sweeps")
     raw = yaml.safe_load(path.read_text()) or {}
     own = {f.name for f in dataclasses.fields(SweepSpec)} - {"base", "search_space", "variants"}
     parsed = parse_overrides(overrides or [])

@@ -37,7 +37,7 @@ from dino_ray.core.storage import is_uri, join
 from dino_ray.core.train.checkpoint import kept_epoch
 from dino_ray.core.train.loop import train_dino
 from dino_ray.platform.checkpoints import resolve_checkpoint
-from dino_ray.platform.monitor import knn_monitor
+from dino_ray.platform.monitor import knn_monitor, knn_monitor_task
 from dino_ray.platform.ray_data import multicrop_dataset, shard_epochs
 from dino_ray.platform.ray_session import missing_on_nodes, ray_session
 from dino_ray.platform.ray_train import fit, run_in_scratch, torch_trainer, worker_context
@@ -159,7 +159,7 @@ def build_trainer(cfg: DINOConfig, resume_from: Optional[Checkpoint] = None, job
     storage_path, run_name = run_storage(cfg)
     validation = None
     if cfg.eval.knn_every and not cfg.eval.knn_sync:  # the k-NN monitor, in Ray's own task per flagged checkpoint
-        validation = ValidationConfig(knn_monitor, ValidationTaskConfig(fn_kwargs={"config": cfg.to_dict()}),
+        validation = ValidationConfig(knn_monitor_task, ValidationTaskConfig(fn_kwargs={"config": cfg.to_dict()}),
                                       ray_remote_kwargs={"num_cpus": cfg.eval.num_cpus})
     datasets, rows = None, None
     if cfg.data_loader == "ray_data":

@@ -1,12 +1,12 @@
-"""CIFAR-10 for the quickstart and the tests, from wherever it can be had, in this order:
+"""CIFAR-10 for the quickstart, the tests and the benchmarks, from wherever it can be had, in this order:
 
 1. the paths given (``--train_data`` / ``--val_data``);
-2. the shared Parquet shards beside the repository (``../shared/datasets/cifar10/train``: shard 0 to
-   pretrain on, shard 4 held out);
-3. torchvision's CIFAR-10 download into a cache (``~/.cache/dino-ray/cifar10``), written out as an image
-   folder and converted to Parquet with ``dino-ray convert-data``'s converter: the training split to
-   pretrain on, the test split held out;
-4. the repository's sample (``data/cifar10_sample``: 4,000 training and 1,000 held-out images).
+2. Parquet shards in the data root (``$DINO_RAY_DATA/cifar10/train/part-0000N.parquet``: shard 0 to pretrain
+   on, shard 4 held out; the data root is ``DINO_RAY_DATA``, by default ``~/.cache/dino-ray``);
+3. torchvision's CIFAR-10 download into the data root (``cifar10/torchvision``), written out as an image folder
+   and converted to Parquet with ``dino-ray convert-data``'s converter: the training split to pretrain on,
+   the test split held out;
+4. the sample the package carries (``cifar10_sample``: 4,000 training and 1,000 held-out images).
 ``DINO_RAY_OFFLINE=1`` skips step 3.
 """
 from __future__ import annotations
@@ -17,13 +17,17 @@ import socket
 from pathlib import Path
 from typing import Optional
 
+from dino_ray.core.config import data_root
+
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parents[3]
-SHARED = ROOT.parent / "shared" / "datasets" / "cifar10" / "train"
-SAMPLE = ROOT / "data" / "cifar10_sample"
-CACHE = Path(os.environ.get("DINO_RAY_CACHE", Path.home() / ".cache" / "dino-ray")) / "cifar10"
+SAMPLE = Path(__file__).resolve().parent / "cifar10_sample"  # package data: offline, on a fresh install
 DOWNLOAD_HOST = ("www.cs.toronto.edu", 443)  # where torchvision's CIFAR-10 archive lives
+
+
+def shards() -> Path:
+    """The CIFAR-10 Parquet shards' folder in the data root (``part-00000.parquet`` ... ``part-00004.parquet``)."""
+    return data_root() / "cifar10" / "train"
 
 
 def online(address: tuple[str, int] = DOWNLOAD_HOST, timeout: float = 3.0) -> bool:
@@ -35,8 +39,10 @@ def online(address: tuple[str, int] = DOWNLOAD_HOST, timeout: float = 3.0) -> bo
         return False
 
 
-def cifar10_parquet(cache: Path = CACHE, download: bool = True) -> tuple[Path, Path]:
-    """torchvision's CIFAR-10 (downloaded into ``cache`` unless there) as ``(train, test)`` Parquet folders."""
+def cifar10_parquet(cache: Optional[Path] = None, download: bool = True) -> tuple[Path, Path]:
+    """torchvision's CIFAR-10 (downloaded into ``cache``, by default the data root's, unless there) as
+    ``(train, test)`` Parquet folders."""
+    cache = cache or data_root() / "cifar10"
     from torchvision.datasets import CIFAR10
 
     from dino_ray.core.data.convert import convert_images
@@ -64,12 +70,13 @@ def quickstart_data(train: Optional[str] = None, val: Optional[str] = None) -> t
         if not (train and val):
             raise ValueError("give both --train_data and --val_data, or neither")
         return train, val, "given"
-    if (SHARED / "part-00004.parquet").exists():
-        return str(SHARED / "part-00000.parquet"), str(SHARED / "part-00004.parquet"), f"shared CIFAR-10 ({SHARED})"
+    if (shards() / "part-00004.parquet").exists():
+        return str(shards() / "part-00000.parquet"), str(shards() / "part-00004.parquet"), \
+            f"CIFAR-10 shards in the data root ({shards()})"
     if os.environ.get("DINO_RAY_OFFLINE") != "1" and online():
         try:
             train_path, test_path = cifar10_parquet()
-            return str(train_path), str(test_path), f"CIFAR-10 downloaded by torchvision ({CACHE})"
+            return str(train_path), str(test_path), f"CIFAR-10 downloaded by torchvision ({data_root()})"
         except Exception as exc:  # noqa: BLE001 - any failure of the download falls back to the sample
-            log.warning("CIFAR-10 download into %s failed (%s): using the repository's sample", CACHE, exc)
-    return str(SAMPLE / "train.parquet"), str(SAMPLE / "val.parquet"), f"the repository's sample ({SAMPLE})"
+            log.warning("CIFAR-10 download into %s failed (%s): using the package's sample", data_root(), exc)
+    return str(SAMPLE / "train.parquet"), str(SAMPLE / "val.parquet"), f"the package's sample ({SAMPLE})"

@@ -4,9 +4,9 @@ DistributedDataParallel all-reduces the gradients bucket by bucket while the bac
 hides inside the step's time. ``AllReduceTimer`` replaces DDP's default hook by one that does the same
 all-reduce and average, but synchronously, and counts its seconds and bytes: the step then shows compute and
 communication apart (``profile_allreduce: true``). Synchronous means no overlap with the backward pass, so a
-profiled step is a little slower than a normal one: for measuring, not for training speed.
+profiled step is a little slower than a normal one: for measuring, not for training speed. (No postponed
+annotations here: DDP checks the hook's annotations as objects.)
 """
-from __future__ import annotations
 
 import time
 from dataclasses import dataclass

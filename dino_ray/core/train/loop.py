@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import resource
+import statistics
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -30,6 +31,7 @@ from dino_ray.core.data.views import build_augmentation, collate_views
 from dino_ray.core.models.hub import safe_load
 from dino_ray.core.optim import cosine_scheduler
 from dino_ray.core.ranks import rank_and_world, seed_everything
+from dino_ray.core.train.budget import Plan, cycled, measure_step_seconds, replanned, slowest
 from dino_ray.core.train.checkpoint import (
     initialize_from,
     kept_epoch,
@@ -103,7 +105,9 @@ def train_one_epoch(step: DINOStep, loader: EpochBatches, schedules: Schedules, 
     """
     cfg, device = step.cfg, next(step.student.parameters()).device
     loss_sum = images_seen = skipped = steps = allreduce_bytes = 0
-    data_seconds = step_seconds = allreduce_seconds = 0.0
+    allreduce_seconds = 0.0
+    data_times: list[float] = []  # per step: the median tells the input's pace apart from an epoch's start-up
+    step_times: list[float] = []
     monitors = torch.zeros(2, device=device)  # summed on the device, read at log steps only
     bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", disable=not show_progress, leave=False)
     epoch_start = tick = time.perf_counter()
@@ -119,7 +123,8 @@ def train_one_epoch(step: DINOStep, loader: EpochBatches, schedules: Schedules, 
         step.update_teacher(values["momentum_teacher"])
         step_time = time.perf_counter() - tick - data_time
         steps, loss_sum, images_seen = steps + 1, loss_sum + out.loss, images_seen + len(images[0])
-        data_seconds, step_seconds = data_seconds + data_time, step_seconds + step_time
+        data_times.append(data_time)
+        step_times.append(step_time)
         allreduce_seconds += out.allreduce_seconds
         allreduce_bytes += out.allreduce_bytes
         monitors += out.monitors
@@ -144,8 +149,9 @@ def train_one_epoch(step: DINOStep, loader: EpochBatches, schedules: Schedules, 
             **schedules.at(len(loader) * (epoch + 1) - 1),
             "teacher_temp": float(step.dino_loss.teacher_temp_schedule[epoch]),
             "backbone_frozen": float(step.backbone_frozen(epoch, 0)),  # at the epoch's start
-            "images_per_s": images_seen / seconds, "epoch_seconds": seconds, "data_time": data_seconds / steps,
-            "step_time": step_seconds / steps, "skipped_images": skipped, **memory_stats(device),
+            "images_per_s": images_seen / seconds, "epoch_seconds": seconds, "data_time": sum(data_times) / steps,
+            "step_time": sum(step_times) / steps, "data_time_median": statistics.median(data_times),
+            "step_time_median": statistics.median(step_times), "skipped_images": skipped, **memory_stats(device),
             **({"allreduce_time": allreduce_seconds / steps, "allreduce_mb": allreduce_bytes / steps / 2**20}
                if step.allreduce else {})}
 
@@ -194,32 +200,31 @@ def train_dino(cfg: DINOConfig, resume_from: Optional[str | Path] = None,
         output_dir.mkdir(parents=True, exist_ok=True)
     if device.type == "cpu" and (cfg.use_fp16 or cfg.use_bf16) and rank == 0:
         log.info("mixed precision is for CUDA only: training in fp32 on CPU")
-
+    checkpoint_path = Path(resume_from) if resume_from else output_dir / "checkpoint.pth"
+    if resume_from and not checkpoint_path.exists():
+        raise FileNotFoundError(f"resume_from '{resume_from}' does not exist")
+    checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path.exists() else None
+    if checkpoint is not None:  # decided when the run started
+        cfg = dataclasses.replace(cfg, freeze_backbone_epochs=recorded_args(checkpoint).get(
+            "freeze_backbone_epochs", cfg.freeze_backbone_epochs))
     if epoch_batches is None:
-        if cfg.data_loader != "torch":
-            raise ConfigError(f"data_loader: {cfg.data_loader} streams from a Ray cluster: run `dino-ray pretrain` "
-                              f"without --no-ray, or set data_loader: torch")
-        dataset = build_dataset(cfg.data_path, None, cfg.max_images, listing=shared_listing(cfg.data_path, world_size))
-        collate = partial(collate_views, augmentation=build_augmentation(cfg))
+        epoch_batches = dataloader_epochs(lambda: cfg, rank, world_size)  # follows cfg: a budget sizes the epochs
+    plan = None
+    if cfg.budget_minutes:
+        cfg, plan = budgeted(cfg, epoch_batches, device, world_size, checkpoint)
+        if rank == 0:
+            log.info("%s", plan.line())
 
-        def epoch_batches(epoch: int) -> EpochBatches:
-            return build_loader(cfg, rank, world_size, epoch, dataset, collate)
     niter_per_ep = len(epoch_batches(0))
     step = build_step(cfg, device, world_size, niter_per_ep)
     schedules = build_schedules(cfg, niter_per_ep, world_size)
-
-    start_epoch = 0
-    checkpoint_path = Path(resume_from) if resume_from else output_dir / "checkpoint.pth"
-    if checkpoint_path.exists():
-        checkpoint = load_checkpoint(checkpoint_path)
+    start_epoch, train_seconds = 0, 0.0
+    if checkpoint is not None:
         start_epoch = restore_training_state(checkpoint, step.student, step.teacher, step.optimizer, step.dino_loss,
                                              step.scaler)
-        cfg = dataclasses.replace(cfg, freeze_backbone_epochs=recorded_args(checkpoint).get(
-            "freeze_backbone_epochs", cfg.freeze_backbone_epochs))  # as the run decided when it started
+        train_seconds = float(checkpoint.get("train_seconds", 0.0))
         if rank == 0:
             log.info("resumed from %s at epoch %d", checkpoint_path, start_epoch)
-    elif resume_from:
-        raise FileNotFoundError(f"resume_from '{resume_from}' does not exist")
     elif cfg.init_from:
         cfg = continue_from(cfg, step, init_from or cfg.init_from, rank)
     step.freeze_backbone_epochs = cfg.freeze_backbone_epochs or 0.0
@@ -227,14 +232,23 @@ def train_dino(cfg: DINOConfig, resume_from: Optional[str | Path] = None,
         save_config(cfg, output_dir / "config.yaml")
 
     stats: dict[str, Any] = {}
+    spent_before, loop_start, steps_run = train_seconds, time.perf_counter(), 0
     for epoch in range(start_epoch, cfg.epochs):
+        if plan is not None and steps_run and cfg.data_loader != "ray_data":
+            cfg, plan, schedules = replan_epochs(cfg, spent_before, loop_start, steps_run, epoch, device, world_size)
+            if rank == 0:
+                log.info("re-planned from the epochs so far: %s", plan.line())
         seed_everything(cfg.seed, rank, epoch)  # whatever the input: drop-path masks and augmentations per rank
-        stats = train_one_epoch(step, epoch_batches(epoch), schedules, epoch, show_progress and rank == 0,
+        batches = epoch_batches(epoch)
+        stats = train_one_epoch(step, batches, schedules, epoch, show_progress and rank == 0,
                                 on_step if rank == 0 else None)
+        steps_run += len(batches)
+        train_seconds = spent_before + time.perf_counter() - loop_start  # checkpoints and hooks count too
+        stats.update(minutes=train_seconds / 60, **(plan.metrics() if plan else {}))
         latest = output_dir / "checkpoint.pth"
         if rank == 0:
-            state = training_state(step.student, step.teacher, step.optimizer, step.dino_loss, step.scaler,
-                                   epoch + 1, cfg.to_dict())
+            state = {**training_state(step.student, step.teacher, step.optimizer, step.dino_loss, step.scaler,
+                                      epoch + 1, cfg.to_dict()), "train_seconds": train_seconds}
             save_checkpoint(state, latest)
             if kept_epoch(epoch, cfg.saveckp_freq):
                 save_checkpoint(state, output_dir / f"checkpoint{epoch:04}.pth")
@@ -245,3 +259,51 @@ def train_dino(cfg: DINOConfig, resume_from: Optional[str | Path] = None,
         if on_epoch_end is not None:
             on_epoch_end(epoch, stats, latest)
     return stats
+
+
+def dataloader_epochs(config: Callable[[], DINOConfig], rank: int, world_size: int
+                      ) -> Callable[[int], EpochBatches]:
+    """``epoch -> DataLoader`` over ``data_path`` (the dataset listed once), for the config ``config()`` gives
+    when the epoch starts (a budget may size the epochs after the dataset is made)."""
+    cfg = config()
+    if cfg.data_loader != "torch":
+        raise ConfigError(f"data_loader: {cfg.data_loader} streams from a Ray cluster: run `dino-ray pretrain` "
+                          f"without --no-ray, or set data_loader: torch")
+    dataset = build_dataset(cfg.data_path, None, cfg.max_images, listing=shared_listing(cfg.data_path, world_size))
+    collate = partial(collate_views, augmentation=build_augmentation(cfg))
+    return lambda epoch: build_loader(config(), rank, world_size, epoch, dataset, collate)
+
+
+def replan_epochs(cfg: DINOConfig, spent_before: float, loop_start: float, steps_run: int, epoch: int,
+                  device: torch.device, world_size: int) -> tuple[DINOConfig, Plan, Schedules]:
+    """The epochs left re-sized from what the steps so far cost in wall time (checkpoints, hooks, a monitor or a
+    loader sharing the machine included: the first plan's few steps ran alone); the schedules follow, continuing
+    where they were (they are functions of the run's progress). Epoch lengths change, not epochs (DataLoader
+    input: its epochs are ``epoch_length`` iterations)."""
+    elapsed = slowest(time.perf_counter() - loop_start, device)
+    cfg, plan = replanned(cfg, elapsed / steps_run, cfg.epoch_length, (spent_before + elapsed) / 60, epoch)
+    return cfg, plan, build_schedules(cfg, cfg.epoch_length, world_size)
+
+
+def budgeted(cfg: DINOConfig, epoch_batches: Callable[[int], EpochBatches], device: torch.device, world_size: int,
+             checkpoint: Optional[dict[str, Any]]) -> tuple[DINOConfig, Plan]:
+    """The config sized to ``budget_minutes``: a few throw-away steps of the run's own model on its own input (the
+    real loader; synthetic views of the crop sizes for a Ray Data input, which decodes apart) give the step time;
+    a resumed run re-plans its remaining epochs into the minutes left."""
+    niter = len(epoch_batches(0))
+    trial = build_step(cfg, device, world_size, niter)  # the run builds its own afterwards, from its seed
+    set_schedules(trial.optimizer, build_schedules(cfg, niter, world_size).at(0))
+    if cfg.data_loader == "ray_data":
+        sizes = [cfg.global_crops_size] * 2 + [cfg.local_crops_size] * cfg.local_crops_number
+        batches = cycled([([torch.randn(cfg.batch_size_per_gpu, 3, s, s) for s in sizes], None, 0)])
+    else:
+        batches = cycled(epoch_batches(0))
+
+    def run_steps(count: int) -> None:
+        for images, _, _ in batches(count):
+            trial.forward_backward([im.to(device, non_blocking=True) for im in images], 0, 0)
+            trial.update_teacher(cfg.momentum_teacher)
+    seconds = measure_step_seconds(run_steps, device)
+    done = int(checkpoint["epoch"]) if checkpoint is not None else 0
+    spent = float(checkpoint.get("train_seconds", 0.0)) / 60 if checkpoint is not None else 0.0
+    return replanned(cfg, seconds, niter, spent, done)
