@@ -121,10 +121,11 @@ def save(figure: Any, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # time to accuracy (time_to_accuracy.json, time_to_accuracy_vit.json)
 
-CURVES = {"shipped": "shipped recipe (`cifar10_cpu.yaml`)", "vit": "ViT recipe (`cifar10_cpu_vit.yaml`)",
+CURVES = {"shipped_ray": "shipped recipe, `dino-ray pretrain` on Ray (`cifar10_cpu`)",
+          "shipped": "shipped recipe, plain loop (`--no-ray`)", "vit": "ViT recipe (`cifar10_cpu_vit`)",
           "reference": "the reference's recipe, crops scaled to 32/16 px", "lightly": "lightly's DINO (the peer)"}
-SHORT = {"shipped": "shipped CPU recipe", "vit": "ViT CPU recipe", "reference": "the reference's recipe",
-         "lightly": "lightly's DINO"}
+SHORT = {"shipped_ray": "shipped CPU recipe, on Ray", "shipped": "shipped CPU recipe, plain loop",
+         "vit": "ViT CPU recipe", "reference": "the reference's recipe", "lightly": "lightly's DINO"}
 
 
 def first_at(curve: list[dict], level: float) -> Optional[dict]:
@@ -391,6 +392,40 @@ def eval_copy_video(data: dict, ctx: Context) -> str:
     return "\n".join([f"Copy detection on `{Path(data['copy_images']).name}` (CIFAR-10; mAP per edit) and label "
                       f"propagation on the generated video ({data['video']}):", "",
                       table(["weights"] + [f"copy: {e}" for e in edits] + [f"video {s}" for s in scores], rows), "",
+                      source_line(ctx)])
+
+
+@renderer("quickstart")
+def quickstart(data: dict, ctx: Context) -> str:
+    """What ``dino-ray quickstart`` printed at its end, as it printed it, and what the whole command took."""
+    from dino_ray.jobs.quickstart import report_lines  # plain string formatting: no torch, no Ray
+
+    summary = data["summary"]
+    knn = summary["knn_k20"]
+    gain = knn["pretrained"]["top1"] - knn["raw_pixels"]["top1"]
+    return "\n".join(["```text", *report_lines(summary), "```", "",
+                      f"Measured on {data['cpus']} CPU cores: the whole command (Ray's start-up, the pretraining, "
+                      f"the evaluations) took {num(data['command_minutes'], 2)} minutes; the teacher scored raw "
+                      f"pixels {signed(gain, 1)}.", "", source_line(ctx)])
+
+
+@renderer("own_data")
+def own_data(data: dict, ctx: Context) -> str:
+    """A flat folder of JPEG files against the same images as labelled Parquet, then export and embed times."""
+    rows = [[name, num(r["train_minutes"], 2), num(r["command_minutes"], 2), f"{r['steps']:,}", r["skipped_images"],
+             f"**{num(r['knn_top1'], 2)}**", signed(r["knn_top1"] - data["raw_pixels"], 2)]
+            for name, r in data["runs"].items()]
+    embed = data["embed"]
+    return "\n".join([f"{data['images']:,} CIFAR-10 images, `dino-ray pretrain --config cifar10_cpu "
+                      f"budget_minutes={data['budget_minutes']:g}` on a local Ray; weighted k-NN (k=20) with "
+                      f"{data['bank_images']:,} of them as the bank, {data['test_images']:,} held-out test images "
+                      f"(raw pixels: {num(data['raw_pixels'], 2)}):", "",
+                      table(["data_path", "training (min)", "whole command (min)", "steps", "skipped images",
+                             "k-NN top-1", "vs raw pixels"], rows), "",
+                      "Then, each as the whole command: `dino-ray export` "
+                      + ", ".join(f"{fmt} {num(sec)} s" for fmt, sec in data["export_seconds"].items())
+                      + f"; `dino-ray embed` of the flat folder {num(embed['seconds'])} s for {embed['images']:,} "
+                      f"images ({num(embed['seconds_per_1000'], 2)} s per 1,000, Ray's start-up included).", "",
                       source_line(ctx)])
 
 

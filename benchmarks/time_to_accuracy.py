@@ -20,7 +20,7 @@ the minutes on the x axis are the run's training minutes up to that checkpoint (
 measurement and evaluation excluded; the whole command's wall time is recorded beside the curve).
 
 Usage: ``python benchmarks/time_to_accuracy.py [--minutes 20] [--points 10] [--recipes shipped,reference,lightly]``
-Writes ``benchmarks/results/time_to_accuracy.json`` and ``.png``; ``--merge`` adds the recipes run to the curves
+Writes ``benchmarks/results/time_to_accuracy.json`` (``render_docs.py`` draws the curves); ``--merge`` adds the recipes run to the curves
 already there (the same data and baselines).
 """
 from __future__ import annotations
@@ -112,13 +112,13 @@ def dino_curve(name: str, train_data: Path, minutes: float, points: int, work: P
     wall = time.time() - start
     log = [json.loads(line) for line in open(kept[-1].parent / "log.txt")] if on_ray else \
         [json.loads(line) for line in open(work / name / "log.txt")]
-    curve = []
+    curve, steps = [], 0
     for line, checkpoint in zip(log, kept):
         backbone, _ = backbone_from_checkpoint(str(checkpoint), checkpoint_key="teacher")
         batch = int(safe_load(checkpoint)["args"]["batch_size_per_gpu"])
+        steps += line["train_steps"]  # the epochs' lengths differ: the budget re-plans them as it goes
         curve.append({"minutes": round(line["train_minutes"], 2), "knn_top1": knn_top1(bank, test, backbone),
-                      "images": (line["epoch"] + 1) * int(line["train_plan_epoch_length"]) * batch,
-                      "loss": line["train_loss"], "lr": line["train_lr"]})
+                      "images": steps * batch, "loss": line["train_loss"], "lr": line["train_lr"]})
         print(f"  {name} {curve[-1]}", flush=True)
     return {"step_seconds": log[0]["train_plan_step_seconds"], "epoch_length": int(log[0]["train_plan_epoch_length"]),
             "command_minutes": round(wall / 60, 2), "on_ray": on_ray, "curve": curve}
@@ -127,27 +127,6 @@ def dino_curve(name: str, train_data: Path, minutes: float, points: int, work: P
 def random_init_top1(config: Path, bank: tuple[torch.Tensor, torch.Tensor],
                      test: tuple[torch.Tensor, torch.Tensor]) -> float:
     return knn_top1(bank, test, random_init_backbone(load_config(config)))
-
-
-def plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, run in results["curves"].items():
-        ax.plot([0] + [p["minutes"] for p in run["curve"]], [run.get("random_init", np.nan)] +
-                [p["knn_top1"] for p in run["curve"]], marker="o", label=name)
-    ax.axhline(results["raw_pixels"], color="gray", ls="--", label="raw pixels")
-    ax.axhline(results["raw_pixels"] + 10, color="gray", ls=":", label="raw pixels + 10")
-    ax.axhline(results["random_init"], color="black", ls="-.", label="random init (shipped network)")
-    ax.set_xlabel(f"training minutes on {results['cores']} CPU cores")
-    ax.set_ylabel("k-NN top-1 on held-out CIFAR-10 (%)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 def markdown_table(results: dict[str, Any]) -> str:
@@ -220,7 +199,6 @@ def main() -> None:
                 results["curves"][name]["random_init"] = random_init_top1(RECIPES[name][0], bank, test)
         results["curves"] = {k: results["curves"][k] for k in order if k in results["curves"]}
         Path(args.out).write_text(json.dumps(results, indent=2))  # after every curve: a crash keeps the others
-    plot(results, Path(args.out).with_suffix(".png"))
     print(json.dumps({k: v for k, v in results.items() if k != "curves"}))
     print(markdown_table(results))
 

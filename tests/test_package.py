@@ -2,6 +2,7 @@
 folder (reusing this environment's torch, Ray and MLflow), answers --help and plans a shipped recipe by its name
 from a folder far from the checkout, with the sample data it carries."""
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_a_built_wheel_runs_outside_the_checkout(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path / "dist"), str(ROOT)], check=True, capture_output=True)
+    leftover = not (ROOT / "build").exists()  # setuptools builds in the checkout's build/: leave none behind
+    try:
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                        str(tmp_path / "dist"), str(ROOT)], check=True, capture_output=True)
+    finally:
+        if leftover:
+            shutil.rmtree(ROOT / "build", ignore_errors=True)
     (wheel,) = (tmp_path / "dist").glob("dino_ray-*.whl")
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(tmp_path / "site"),
                     str(wheel)], check=True, capture_output=True)

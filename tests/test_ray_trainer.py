@@ -97,7 +97,7 @@ def test_two_workers_train_and_resume_from_an_mlflow_run(local_ray, tiny_cfg, ci
     backbone = build_backbone("vit_tiny", 4, img_size=16, embed_dim=32, depth=1, num_heads=2)
     load_pretrained_weights(backbone, f"{b_dir}/checkpoint.pth", "teacher")
     x = torch.randn(2, 3, 16, 16)
-    assert torch.allclose(model.eval()(x), backbone.eval()(x), atol=1e-6)
+    assert torch.allclose(model(x), backbone.eval()(x), atol=1e-6)  # exported in eval mode: no train/eval switch
 
     # --resume-from an MLflow run id: a new Ray run (other name and storage, 1 worker, the DataLoader) continues
     # the 2-worker run's checkpoint and its MLflow run, in the same store

@@ -52,7 +52,7 @@ def run_quickstart(train_data: Optional[str], val_data: Optional[str], output_di
     from dino_ray.eval.knn import evaluate_knn
     from dino_ray.platform.checkpoints import resolve_checkpoint
     from dino_ray.platform.ray_session import ray_session
-    from dino_ray.platform.tracking.store import tracking_uri
+    from dino_ray.platform.tracking.store import tracking_uri, ui_command
     from dino_ray.platform.trainer import pretrain_on_ray
 
     train_data, val_data, data_source = quickstart_data(train_data, val_data)
@@ -103,12 +103,13 @@ def run_quickstart(train_data: Optional[str], val_data: Optional[str], output_di
     stats = [json.loads(line) for line in open(final / "log.txt")]
     losses = [line["train_loss"] for line in stats]
     summary = {"train_minutes": round(train_minutes, 2), "budget_minutes": cfg.budget_minutes,
-               "epochs": len(stats), "epoch_length": stats[-1].get("train_plan_epoch_length", cfg.epoch_length),
+               "epochs": len(stats), "steps": sum(line["train_steps"] for line in stats),
                "step_seconds": stats[-1]["train_step_time"], "lr_last": stats[-1]["train_lr"], "data": data_source,
                "train_data": train_data, "val_data": val_data, "arch": cfg.arch, "loss_first_epoch": losses[0],
                "loss_last_epoch": losses[-1], "images_per_s": result.metrics.get("images_per_s"),
                "knn_train_images": len(knn_train), "knn_val_images": len(knn_val), "knn_k20": results,
-               "mlflow_run_id": weights.run_id, "tracking_uri": uri, "checkpoint": str(final / "checkpoint.pth"),
+               "mlflow_run_id": weights.run_id, "tracking_uri": uri, "ui_command": ui_command(uri),
+               "checkpoint": str(final / "checkpoint.pth"),
                "attention": str(attention_dir) if drawn else None}  # not stale maps of an earlier ViT run
     (out / "quickstart.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -127,24 +128,28 @@ class QuickstartArgs:
     overrides: list[str] = arg(help="key=value config overrides", factory=list, positional=True)
 
 
-def quickstart_job(args: QuickstartArgs) -> dict:
-    """``run_quickstart``, then what it shows: the loss, the k-NN against its baselines, where everything went."""
-    from dino_ray.platform.tracking.store import ui_command
-
-    summary = run_quickstart(args.train_data, args.val_data, args.output_dir, args.overrides, config=args.config,
-                             budget_minutes=args.budget_minutes or None)
+def report_lines(summary: dict[str, Any]) -> list[str]:
+    """What the quickstart shows at its end, from its summary: the loss, the k-NN against its baselines, where
+    everything went (the docs render the same lines from a measured summary)."""
     knn = summary["knn_k20"]
     budget = f" (a budget of {summary['budget_minutes']:g} min of steps)" if summary["budget_minutes"] else ""
-    print(f"\nDINO pretraining: {summary['epochs']} epochs x {summary['epoch_length']} iterations in "
-          f"{summary['train_minutes']} min{budget}, loss {summary['loss_first_epoch']:.3f} -> "
-          f"{summary['loss_last_epoch']:.3f}, lr at its end {summary['lr_last']:.2e}")
-    print(f"data: {summary['data']}")
-    print(f"k-NN top-1 (k=20) on {summary['knn_val_images']} held-out images: "
-          f"pretrained teacher {knn['pretrained']['top1']:.1f}%, random init {knn['random_init']['top1']:.1f}%, "
-          f"raw pixels {knn['raw_pixels']['top1']:.1f}%")
-    print(f"checkpoint: {summary['checkpoint']}" + (f"; attention maps: {summary['attention']}" if summary["attention"]
-                                                     else f" ({summary['arch']}: no attention maps; a ViT recipe "
-                                                          f"has them: --config cifar10_cpu_vit)"))
-    print(f"MLflow run {summary['mlflow_run_id']} (its evaluations nested under it). Open the UI with:")
-    print(f"  {ui_command(summary['tracking_uri'])}")
+    attention = (f"; attention maps: {summary['attention']}" if summary["attention"] else
+                 f" ({summary['arch']}: no attention maps; a ViT recipe has them: --config cifar10_cpu_vit)")
+    return [f"DINO pretraining: {summary['epochs']} epochs, {summary['steps']} steps in {summary['train_minutes']} min"
+            f"{budget}, loss {summary['loss_first_epoch']:.3f} -> {summary['loss_last_epoch']:.3f}, lr at its end "
+            f"{summary['lr_last']:.2e}",
+            f"data: {summary['data']}",
+            f"k-NN top-1 (k=20) on {summary['knn_val_images']} held-out images: pretrained teacher "
+            f"{knn['pretrained']['top1']:.1f}%, random init {knn['random_init']['top1']:.1f}%, raw pixels "
+            f"{knn['raw_pixels']['top1']:.1f}%",
+            f"checkpoint: {summary['checkpoint']}{attention}",
+            f"MLflow run {summary['mlflow_run_id']} (its evaluations nested under it). Open the UI with:",
+            f"  {summary['ui_command']}"]
+
+
+def quickstart_job(args: QuickstartArgs) -> dict:
+    """``run_quickstart``, then what it shows."""
+    summary = run_quickstart(args.train_data, args.val_data, args.output_dir, args.overrides, config=args.config,
+                             budget_minutes=args.budget_minutes or None)
+    print("\n" + "\n".join(report_lines(summary)))
     return summary

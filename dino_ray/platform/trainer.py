@@ -241,10 +241,12 @@ def pretrain_on_ray(cfg: DINOConfig, resume_from: Optional[str] = None) -> ray.t
                                      cache_dir=Path(cfg.output_dir).resolve() / "init")
         init = stage(cfg, "init_from", {INIT_FILE + weights.path.suffix: str(weights.path)})
     if cfg.eval.knn_every:  # the monitor's k-NN needs labels: say so now, not at the first monitored epoch
-        for path, count in ((cfg.eval.knn_train_data or cfg.data_path, cfg.eval.knn_train_images),
-                            (cfg.eval.knn_val_data, cfg.eval.knn_val_images)):
+        for path, count, role in ((cfg.eval.knn_train_data or cfg.data_path, cfg.eval.knn_train_images,
+                                   "memory bank (eval.knn_train_data, by default data_path)"),
+                                  (cfg.eval.knn_val_data, cfg.eval.knn_val_images, "test set (eval.knn_val_data)")):
             if not is_uri(path):
-                require_labels(build_dataset(path, None, count), path, "the k-NN monitor (eval.knn_every)")
+                require_labels(build_dataset(path, None, count), path,
+                               f"the k-NN monitor's {role}, on when eval.knn_every > 0,")
     run_key = uuid.uuid4().hex
     with ray_session():
         check_cluster_paths(cfg)

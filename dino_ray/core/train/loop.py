@@ -149,7 +149,8 @@ def train_one_epoch(step: DINOStep, loader: EpochBatches, schedules: Schedules, 
             **schedules.at(len(loader) * (epoch + 1) - 1),
             "teacher_temp": float(step.dino_loss.teacher_temp_schedule[epoch]),
             "backbone_frozen": float(step.backbone_frozen(epoch, 0)),  # at the epoch's start
-            "images_per_s": images_seen / seconds, "epoch_seconds": seconds, "data_time": sum(data_times) / steps,
+            "steps": steps, "images_per_s": images_seen / seconds, "epoch_seconds": seconds,
+            "data_time": sum(data_times) / steps,
             "step_time": sum(step_times) / steps, "data_time_median": statistics.median(data_times),
             "step_time_median": statistics.median(step_times), "skipped_images": skipped, **memory_stats(device),
             **({"allreduce_time": allreduce_seconds / steps, "allreduce_mb": allreduce_bytes / steps / 2**20}
