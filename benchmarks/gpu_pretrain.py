@@ -62,8 +62,7 @@ def dino_ray(data: Path, out: Path, batch: int, steps: int, options: list[str], 
     """``dino-ray pretrain`` (on Ray; in this process for ``smoke``) for one epoch of ``steps`` iterations: its
     images/s and peak GPU memory, as its final line reports them."""
     command = [sys.executable, "-m", "dino_ray.cli", "pretrain", *(["--no-ray"] if smoke else []), "--config",
-               str(ROOT / "experiments" / ("resnet50_sgd.yaml" if "arch=resnet50" in options else
-                                           "vit_small_16_100ep.yaml")),
+               "resnet50_sgd" if "arch=resnet50" in options else "vit_small_16_100ep",
                f"data_path={data}", f"output_dir={out}", "epochs=1", f"epoch_length={steps}", "warmup_epochs=0",
                f"batch_size_per_gpu={batch}", "saveckp_freq=0", "log_freq=5", "num_workers=8",
                "tracking.log_model=false", "scaling.num_workers=1", "scaling.resources_per_worker=null",

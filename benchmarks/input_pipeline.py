@@ -1,6 +1,6 @@
 """End-to-end pretraining images/s on this machine: the DataLoader vs Ray Data, the reference vs the batched augmentation.
 
-Each variant trains the CIFAR-10 CPU recipe (experiments/cifar10_cpu.yaml) through Ray Train, one worker, for
+Each variant trains the CIFAR-10 CPU recipe (the `cifar10_cpu` recipe) through Ray Train, one worker, for
 ``--epochs`` epochs of ``--images`` images, without the k-NN monitor, and reports the last epoch's training
 images/s (the first one includes start-up) and its mean wait for data per step:
 - ``dataloader_reference``: the DataLoader with one loader process, PIL image by image (the reference's input)
@@ -44,10 +44,10 @@ def main() -> None:
     os.chdir(ROOT)  # the config's data paths are relative to the repository
     ray.init(num_cpus=os.cpu_count(), log_to_driver=False)
     results: dict = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                     "images": args.images, "epochs": args.epochs, "config": "experiments/cifar10_cpu.yaml"}
+                     "images": args.images, "epochs": args.epochs, "config": "cifar10_cpu"}
     with tempfile.TemporaryDirectory() as scratch:
         for name, overrides in VARIANTS.items():
-            cfg = load_config(ROOT / "experiments" / "cifar10_cpu.yaml", overrides + [
+            cfg = load_config("cifar10_cpu", overrides + [
                 f"max_images={args.images}", f"epochs={args.epochs}", "warmup_epochs=0", "eval.knn_every=0",
                 "tracking.log_model=false", f"output_dir={scratch}/{name}"])
             start = time.perf_counter()

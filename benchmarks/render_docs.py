@@ -264,7 +264,7 @@ def recipe_search_cost(data: dict, ctx: Context) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # speed
 
-SETUP_NAMES = {"cifar10_cpu": "CPU recipe (`cifar10_cpu.yaml`)", "vit_small16_2x224_8x96": "ViT-S/16, paper crops"}
+SETUP_NAMES = {"cifar10_cpu": "CPU recipe (`cifar10_cpu`)", "vit_small16_2x224_8x96": "ViT-S/16, paper crops"}
 
 
 @renderer("train_step")

@@ -3,10 +3,10 @@
 Each measurement runs the real step (``dino_ray.core.train.step``) through ``train_one_epoch`` (student forward and
 backward on all crops, teacher forward on the global crops, DINO loss, clipping, optimizer, EMA) on
 synthetic crops of the configured sizes, so data loading is excluded. Variants:
-- ``baseline``: explicit attention (softmax(QK^T)V), the default optimizer kernels, eager mode
-- ``sdpa``: timm's fused scaled-dot-product attention (the default in dino-ray)
-- ``sdpa+fused_adamw``: plus torch's fused AdamW kernel
-- ``sdpa+fused_adamw+compile``: plus ``torch.compile`` of student and teacher (first steps excluded)
+- ``baseline``: every option off (explicit attention, the default optimizer kernels, eager mode, NCHW memory)
+- a convolutional backbone (the CPU recipe): ``channels_last`` memory (its default), the same on 1 torch thread
+  instead of all, plus torch's fused AdamW kernel, or plus ``torch.compile`` (inductor; first steps excluded)
+- a ViT: ``sdpa`` (timm's fused scaled-dot-product attention), plus the fused AdamW kernel, plus ``torch.compile``
 
 Usage: ``python benchmarks/train_step.py [--steps N] [--warmup N] [--skip-compile] [--out FILE]``.
 """
@@ -27,12 +27,21 @@ from dino_ray.core.train.step import build_step
 ROOT = Path(__file__).resolve().parents[1]
 
 OFF = dict(fused_attn=False, fused_optimizer=False, torch_compile=False, channels_last=False)
-VARIANTS = {
-    "baseline": OFF,
-    "channels_last": {**OFF, "channels_last": True},  # convolutional backbones only (on by default)
-    "sdpa": {**OFF, "fused_attn": True},
-    "sdpa+fused_adamw": {**OFF, "fused_attn": True, "fused_optimizer": True},
-    "sdpa+fused_adamw+compile": {**OFF, "fused_attn": True, "fused_optimizer": True, "torch_compile": True},
+CONV = {**OFF, "channels_last": True}  # the convolutional recipes' default
+VARIANTS = {  # per setup: a convolutional backbone gains from other options than a ViT
+    "cnn": {
+        "baseline": OFF,
+        "channels_last": CONV,
+        "channels_last, 1 thread": {**CONV, "threads": 1},
+        "channels_last+fused_adamw": {**CONV, "fused_optimizer": True},
+        "channels_last+compile": {**CONV, "torch_compile": True},
+    },
+    "vit": {
+        "baseline": OFF,
+        "sdpa": {**OFF, "fused_attn": True},
+        "sdpa+fused_adamw": {**OFF, "fused_attn": True, "fused_optimizer": True},
+        "sdpa+fused_adamw+compile": {**OFF, "fused_attn": True, "fused_optimizer": True, "torch_compile": True},
+    },
 }
 
 
@@ -43,8 +52,10 @@ def synthetic_batch(cfg: DINOConfig) -> tuple[list[torch.Tensor], torch.Tensor, 
     return crops, torch.zeros(cfg.batch_size_per_gpu, dtype=torch.long), 0
 
 
-def measure(cfg: DINOConfig, steps: int, warmup: int) -> dict[str, float]:
-    """images/s over ``steps`` training steps after ``warmup`` untimed ones (compilation, allocator)."""
+def measure(cfg: DINOConfig, steps: int, warmup: int, threads: int) -> dict[str, float]:
+    """images/s over ``steps`` training steps after ``warmup`` untimed ones (compilation, allocator), on
+    ``threads`` torch threads."""
+    torch.set_num_threads(threads)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     step = build_step(cfg, device, 1, warmup + steps)
     schedules = build_schedules(cfg, warmup + steps, 1)
@@ -73,10 +84,9 @@ def main() -> None:
     parser.add_argument("--setups", default="cifar10_cpu,vit_small16_2x224_8x96",
                         help="which to measure; the others keep their figures in --out")
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
-
+    threads = torch.get_num_threads()
     setups = {
-        "cifar10_cpu": load_config(ROOT / "experiments" / "cifar10_cpu.yaml"),
+        "cifar10_cpu": load_config("cifar10_cpu"),
         "vit_small16_2x224_8x96": build_config(dict(arch="vit_small", patch_size=16, batch_size_per_gpu=args.vits_batch,
                                                     local_crops_number=8, drop_path_rate=0.1, epochs=1,
                                                     warmup_epochs=0)),
@@ -91,11 +101,13 @@ def main() -> None:
         if name not in args.setups.split(","):
             continue
         rows = {}
-        for variant, options in VARIANTS.items():
+        for variant, options in VARIANTS["vit" if base.arch.startswith("vit") else "cnn"].items():
             if options["torch_compile"] and args.skip_compile:
                 continue
+            options = dict(options)
+            count = options.pop("threads", threads)
             cfg = build_config({**base.to_dict(), **options, "epochs": 1, "warmup_epochs": 0})
-            rows[variant] = measure(cfg, args.steps, args.warmup)
+            rows[variant] = measure(cfg, args.steps, args.warmup, count)
             rows[variant]["speedup_vs_baseline"] = round(rows[variant]["images_per_s"] /
                                                          rows["baseline"]["images_per_s"], 3)
             print(f"{name:26s} {variant:28s} {rows[variant]['images_per_s']:8.2f} images/s "
