@@ -101,7 +101,7 @@ def run(name: str, on_ray: bool, monitor: bool, epochs: int, epoch_length: int, 
     epochs_seen = [json.loads(line) for line in open(log)][1:]
     per_epoch = []
     for e in epochs_seen:
-        steps = epoch_length
+        steps = e["train_steps"]
         step, data = e["train_step_time"] * steps, e["train_data_time"] * steps
         per_epoch.append({"images_per_s": e["train_images_per_s"], "step_s": step, "data_wait_s": data,
                           "rest_s": e["train_epoch_seconds"] - step - data, "epoch_s": e["train_epoch_seconds"]})

@@ -17,7 +17,8 @@ from .conftest import SHARED_CIFAR
 
 
 @pytest.mark.slow
-def test_cpu_recipe_learns_on_cifar10_and_is_tracked(tmp_path):
+def test_cpu_recipe_learns_on_cifar10_and_is_tracked(tmp_path, monkeypatch):
+    monkeypatch.setenv("DINO_RAY_OFFLINE", "1")  # without the shards: the package's sample, never a download
     summary = run_quickstart(None, None, str(tmp_path / "run"), knn_val_images=2000)  # the data it finds
     knn = summary["knn_k20"]
     print(summary)

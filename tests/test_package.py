@@ -27,7 +27,8 @@ def test_a_built_wheel_runs_outside_the_checkout(tmp_path):
                     str(wheel)], check=True, capture_output=True)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site"), "DINO_RAY_DATA": str(tmp_path / "no_data")}
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site"), "DINO_RAY_DATA": str(tmp_path / "no_data"),
+           "DINO_RAY_OFFLINE": "1"}  # no download: the sample inside the package
 
     def run(*args: str) -> str:
         done = subprocess.run([sys.executable, *args], cwd=elsewhere, env=env, capture_output=True, text=True)

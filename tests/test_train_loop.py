@@ -1,4 +1,5 @@
 """The training loop: exact resume, checkpoint layout and safety, non-finite loss, frozen last layer, DDP."""
+import dataclasses
 import json
 import signal
 import subprocess
@@ -144,8 +145,8 @@ def _ddp_worker(rank, cfg, init_file, results):
     seen = []
     original = loop.build_loader
 
-    def recording_loader(*args):
-        data = original(*args)
+    def recording_loader(*args, **kwargs):
+        data = original(*args, **kwargs)
         seen.append(list(iter(data.sampler)))
         return data
 
@@ -177,6 +178,19 @@ def test_fixed_length_epochs_walk_through_the_data_once_per_pass():
         assert sorted(stream[10 * data_pass:10 * (data_pass + 1)]) == list(range(10))
     assert stream[:10] != stream[10:20]  # each pass reshuffled
     assert all(len(r) == 3 for ranks in epochs for r in ranks)
+
+
+def test_epochs_resized_by_a_budget_still_walk_through_each_pass_once(tiny_cfg):
+    """The DataLoader input starts each epoch where the previous one ended, whatever their lengths (a time budget
+    re-sizes the epochs as it goes): 1 + 3 + 1 batches of 8 over 40 images are exactly one pass."""
+    cfg = tiny_cfg(epoch_length=1, batch_size_per_gpu=8, max_images=40, num_workers=0)
+    current = {"cfg": cfg}
+    epoch_batches = loop.dataloader_epochs(lambda: current["cfg"], rank=0, world_size=1)
+    seen = []
+    for epoch, length in enumerate((1, 3, 1)):
+        current["cfg"] = dataclasses.replace(cfg, epoch_length=length)
+        seen += list(iter(epoch_batches(epoch).sampler))
+    assert sorted(seen) == list(range(40))
 
 
 def test_small_image_resnet_with_short_run_options_trains_and_resumes_its_shape(tiny_cfg):

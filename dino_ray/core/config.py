@@ -247,6 +247,9 @@ def _schedule_problems(cfg: DINOConfig) -> list[str]:
                  for key in ("warmup_epochs", "warmup_teacher_temp_epochs") if getattr(cfg, key) > cfg.epochs]
     if cfg.budget_minutes is not None and cfg.budget_minutes <= 0:
         problems.append(f"budget_minutes must be > 0 or null, got {cfg.budget_minutes}")
+    if cfg.budget_minutes is not None and cfg.data_loader == "ray_data":
+        problems.append("budget_minutes sizes the DataLoader's epochs (epoch_length); with data_loader: ray_data an "
+                        "epoch is a whole pass over the data: set epochs instead, or data_loader: torch")
     return problems + below(cfg, ("lr", "min_lr", "weight_decay", "weight_decay_end", "clip_grad",
                                   "warmup_teacher_temp", "teacher_temp", "koleo_loss_weight", "warmup_epochs",
                                   "freeze_last_layer", "warmup_teacher_temp_epochs"), 0) + \
@@ -331,23 +334,23 @@ def build_config(values: dict[str, Any], source: str = "config") -> DINOConfig:
     return cfg
 
 
-def recipes() -> list[str]:
-    """The names of the recipes the package ships (``dino_ray/recipes/*.yaml``: the paper's runs, the CPU recipes)."""
-    return sorted(path.stem for path in RECIPES.glob("*.yaml"))
+def recipes(folder: str = "") -> list[str]:
+    """The names of the recipes the package ships in ``folder`` (``dino_ray/recipes/*.yaml``: the paper's runs, the
+    CPU recipes; ``sweeps``: the sweeps)."""
+    return sorted(path.stem for path in (RECIPES / folder).glob("*.yaml"))
 
 
 def recipe_path(name_or_path: str | Path, folder: str = "") -> Path:
-    """A config file: a path, or the name of a shipped recipe (``cifar10_cpu``; a sweep: ``sweeps/cifar10_cpu``),
-    so that the recipes work from an installed package as from the checkout."""
+    """A config file: a path, or the name of a shipped recipe in ``folder`` (``cifar10_cpu``; a sweep's name with
+    ``folder="sweeps"``), so that the recipes work from an installed package as from the checkout."""
     path = Path(name_or_path)
     if path.is_file():
         return path
     shipped = RECIPES / folder / f"{path.name.removesuffix('.yaml')}.yaml"
     if path.parent == Path(".") and shipped.is_file():
         return shipped
-    names = sorted(p.stem for p in (RECIPES / folder).glob("*.yaml"))
     raise ConfigError(f"config file '{name_or_path}' does not exist, nor is it a shipped recipe "
-                      f"({', '.join(names)})")
+                      f"({', '.join(recipes(folder))})")
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> DINOConfig:

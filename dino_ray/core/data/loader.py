@@ -4,7 +4,7 @@ Its sampler and its workers are seeded from (seed, rank, epoch), so a resumed ep
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
@@ -18,16 +18,18 @@ class EpochSliceSampler(Sampler[int]):
     ``per_rank x world_size`` indices from a stream of seeded permutations of the dataset, split over ranks.
     Every image is seen once per pass whatever the epoch length; short epochs give frequent checkpoints."""
 
-    def __init__(self, size: int, per_rank: int, world_size: int, rank: int, seed: int, epoch: int) -> None:
+    def __init__(self, size: int, per_rank: int, world_size: int, rank: int, seed: int, epoch: int,
+                 start: Optional[int] = None) -> None:
         self.size, self.per_rank, self.world_size, self.rank = size, per_rank, world_size, rank
-        self.seed, self.epoch = seed, epoch
+        self.seed = seed
+        self.start = epoch * per_rank * world_size if start is None else start  # where in the stream it begins
 
     def __len__(self) -> int:
         return self.per_rank
 
     def __iter__(self) -> Iterator[int]:
         total = self.per_rank * self.world_size
-        data_pass, offset = divmod(self.epoch * total, self.size)
+        data_pass, offset = divmod(self.start, self.size)
         stream: list[int] = []
         while len(stream) < offset + total:
             generator = torch.Generator().manual_seed(self.seed + data_pass)
@@ -37,13 +39,14 @@ class EpochSliceSampler(Sampler[int]):
 
 
 def build_loader(cfg: DINOConfig, rank: int, world_size: int, epoch: int, dataset: Any,
-                 collate_fn: Callable[[list], Any]) -> DataLoader:
+                 collate_fn: Callable[[list], Any], start: Optional[int] = None) -> DataLoader:
     """Each image once per epoch across ranks (DistributedSampler with a shared seed), or with ``epoch_length``
-    the epoch's slice of an endless shuffled stream; the loader's workers are seeded from (seed, rank, epoch),
-    so a resumed epoch sees the same order and crops."""
+    the epoch's slice of an endless shuffled stream (from ``start``, where the previous epoch ended when the epochs'
+    lengths differ; by default ``epoch`` epochs of this length in); the loader's workers are seeded from (seed,
+    rank, epoch), so a resumed epoch sees the same order and crops."""
     if cfg.epoch_length is not None:
         sampler: Sampler[int] = EpochSliceSampler(len(dataset), cfg.epoch_length * cfg.batch_size_per_gpu,
-                                                  world_size, rank, cfg.seed, epoch)
+                                                  world_size, rank, cfg.seed, epoch, start)
     else:
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed,
                                      drop_last=True)

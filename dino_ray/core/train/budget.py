@@ -2,11 +2,12 @@
 cosine, teacher momentum and temperature) completes within the budget.
 
 The plan keeps ``epochs`` (so checkpoints, monitors and an ASHA sweep's rungs stay where the config puts them)
-and chooses the iterations per epoch (``epoch_length``); a Ray Data input, whose epochs are whole passes over
-the data, gets a number of epochs instead. The step time is measured on this machine, on the run's own model
-and input, by a few throw-away steps before the run starts (the run itself starts from its initial weights),
-the slowest rank's time on several. A resumed run measures again and re-plans its remaining epochs into what
-is left of the budget: the schedules are functions of the run's progress, so they continue where they were.
+and chooses the iterations per epoch (``epoch_length``) of the DataLoader input (a Ray Data epoch is a whole pass
+over the data: no budget there). The step time is measured on this machine, on the run's own model and input, by
+a few throw-away steps before the run starts (the run itself starts from its initial weights), the slowest rank's
+time on several. After each epoch, and when resumed, the run re-plans its remaining epochs from what its epochs
+cost into what is left of the budget: the schedules are functions of the run's progress, so they continue where
+they were.
 """
 from __future__ import annotations
 
@@ -53,24 +54,17 @@ class Plan:
                 f"{self.steps * self.step_seconds / 60:.1f} min of training")
 
 
-def plan_budget(cfg: DINOConfig, step_seconds: float, steps_per_pass: int, spent_minutes: float = 0.0,
-                epochs_done: int = 0) -> Plan:
+def plan_budget(cfg: DINOConfig, step_seconds: float, spent_minutes: float = 0.0, epochs_done: int = 0) -> Plan:
     """The plan for ``cfg.budget_minutes`` at ``step_seconds`` a step: epochs kept and their length chosen (the
-    remaining epochs, for a resumed run that spent ``spent_minutes`` on ``epochs_done``), or, for a Ray Data
-    input (``steps_per_pass`` iterations an epoch, fixed), the number of epochs."""
+    remaining epochs, for a run that spent ``spent_minutes`` on ``epochs_done``)."""
     left = max(cfg.budget_minutes - spent_minutes, 0.0) * 60 * MARGIN
-    if cfg.data_loader == "ray_data":
-        epochs = max(epochs_done + 1, epochs_done + math.floor(left / (step_seconds * steps_per_pass)))
-        return Plan(cfg.budget_minutes, step_seconds, epochs, steps_per_pass, spent_minutes, epochs_done)
     epochs_left = max(cfg.epochs - epochs_done, 1)  # ``epochs`` stays: checkpoints, monitors, rungs keep theirs
     epoch_length = max(1, math.floor(left / step_seconds / epochs_left))
     return Plan(cfg.budget_minutes, step_seconds, cfg.epochs, epoch_length, spent_minutes, epochs_done)
 
 
 def planned(cfg: DINOConfig, plan: Plan) -> DINOConfig:
-    """``cfg`` with the plan's epochs and iterations per epoch (a Ray Data run's length is its data's)."""
-    if cfg.data_loader == "ray_data":
-        return dataclasses.replace(cfg, epochs=plan.epochs)
+    """``cfg`` with the plan's iterations per epoch."""
     return dataclasses.replace(cfg, epoch_length=plan.epoch_length)
 
 
@@ -92,10 +86,10 @@ def slowest(seconds: float, device: torch.device) -> float:
     return float(value)
 
 
-def replanned(cfg: DINOConfig, step_seconds: float, steps_per_pass: int, spent_minutes: float = 0.0,
-              epochs_done: int = 0) -> tuple[DINOConfig, Plan]:
+def replanned(cfg: DINOConfig, step_seconds: float, spent_minutes: float = 0.0, epochs_done: int = 0
+              ) -> tuple[DINOConfig, Plan]:
     """``plan_budget``, and the config it sizes."""
-    plan = plan_budget(cfg, step_seconds, steps_per_pass, spent_minutes, epochs_done)
+    plan = plan_budget(cfg, step_seconds, spent_minutes, epochs_done)
     return planned(cfg, plan), plan
 
 

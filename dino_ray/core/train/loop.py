@@ -208,13 +208,15 @@ def train_dino(cfg: DINOConfig, resume_from: Optional[str | Path] = None,
     if checkpoint is not None:  # decided when the run started
         cfg = dataclasses.replace(cfg, freeze_backbone_epochs=recorded_args(checkpoint).get(
             "freeze_backbone_epochs", cfg.freeze_backbone_epochs))
+    plan = None
     if epoch_batches is None:
         epoch_batches = dataloader_epochs(lambda: cfg, rank, world_size)  # follows cfg: a budget sizes the epochs
-    plan = None
-    if cfg.budget_minutes:
-        cfg, plan = budgeted(cfg, epoch_batches, device, world_size, checkpoint)
-        if rank == 0:
-            log.info("%s", plan.line())
+        if cfg.budget_minutes:
+            cfg, plan = budgeted(cfg, epoch_batches, device, world_size, checkpoint)
+            if rank == 0:
+                log.info("%s", plan.line())
+    elif cfg.budget_minutes:
+        raise ConfigError("budget_minutes sizes the DataLoader's epochs: batches handed in keep their own length")
 
     niter_per_ep = len(epoch_batches(0))
     step = build_step(cfg, device, world_size, niter_per_ep)
@@ -235,8 +237,9 @@ def train_dino(cfg: DINOConfig, resume_from: Optional[str | Path] = None,
     stats: dict[str, Any] = {}
     spent_before, loop_start, steps_run = train_seconds, time.perf_counter(), 0
     for epoch in range(start_epoch, cfg.epochs):
-        if plan is not None and steps_run and cfg.data_loader != "ray_data":
+        if plan is not None and steps_run:
             cfg, plan, schedules = replan_epochs(cfg, spent_before, loop_start, steps_run, epoch, device, world_size)
+            step.iterations_per_epoch = cfg.epoch_length  # the freezes' progress counts this epoch's iterations
             if rank == 0:
                 log.info("re-planned from the epochs so far: %s", plan.line())
         seed_everything(cfg.seed, rank, epoch)  # whatever the input: drop-path masks and augmentations per rank
@@ -244,7 +247,7 @@ def train_dino(cfg: DINOConfig, resume_from: Optional[str | Path] = None,
         stats = train_one_epoch(step, batches, schedules, epoch, show_progress and rank == 0,
                                 on_step if rank == 0 else None)
         steps_run += len(batches)
-        train_seconds = spent_before + time.perf_counter() - loop_start  # checkpoints and hooks count too
+        train_seconds = spent_before + time.perf_counter() - loop_start  # earlier epochs' checkpoints and hooks too
         stats.update(minutes=train_seconds / 60, **(plan.metrics() if plan else {}))
         latest = output_dir / "checkpoint.pth"
         if rank == 0:
@@ -272,33 +275,36 @@ def dataloader_epochs(config: Callable[[], DINOConfig], rank: int, world_size: i
                           f"without --no-ray, or set data_loader: torch")
     dataset = build_dataset(cfg.data_path, None, cfg.max_images, listing=shared_listing(cfg.data_path, world_size))
     collate = partial(collate_views, augmentation=build_augmentation(cfg))
-    return lambda epoch: build_loader(config(), rank, world_size, epoch, dataset, collate)
+    ends: dict[int, int] = {}  # epoch -> where its slice of the stream ended (a budget re-sizes the epochs)
+
+    def epoch_loader(epoch: int) -> EpochBatches:
+        cfg = config()
+        loader = build_loader(cfg, rank, world_size, epoch, dataset, collate, start=ends.get(epoch - 1))
+        if cfg.epoch_length is not None:
+            total = cfg.epoch_length * cfg.batch_size_per_gpu * world_size
+            ends[epoch] = ends.get(epoch - 1, epoch * total) + total
+        return loader
+    return epoch_loader
 
 
 def replan_epochs(cfg: DINOConfig, spent_before: float, loop_start: float, steps_run: int, epoch: int,
                   device: torch.device, world_size: int) -> tuple[DINOConfig, Plan, Schedules]:
     """The epochs left re-sized from what the steps so far cost in wall time (checkpoints, hooks, a monitor or a
     loader sharing the machine included: the first plan's few steps ran alone); the schedules follow, continuing
-    where they were (they are functions of the run's progress). Epoch lengths change, not epochs (DataLoader
-    input: its epochs are ``epoch_length`` iterations)."""
+    where they were (they are functions of the run's progress). Epoch lengths change, not epochs."""
     elapsed = slowest(time.perf_counter() - loop_start, device)
-    cfg, plan = replanned(cfg, elapsed / steps_run, cfg.epoch_length, (spent_before + elapsed) / 60, epoch)
+    cfg, plan = replanned(cfg, elapsed / steps_run, (spent_before + elapsed) / 60, epoch)
     return cfg, plan, build_schedules(cfg, cfg.epoch_length, world_size)
 
 
 def budgeted(cfg: DINOConfig, epoch_batches: Callable[[int], EpochBatches], device: torch.device, world_size: int,
              checkpoint: Optional[dict[str, Any]]) -> tuple[DINOConfig, Plan]:
-    """The config sized to ``budget_minutes``: a few throw-away steps of the run's own model on its own input (the
-    real loader; synthetic views of the crop sizes for a Ray Data input, which decodes apart) give the step time;
-    a resumed run re-plans its remaining epochs into the minutes left."""
-    niter = len(epoch_batches(0))
-    trial = build_step(cfg, device, world_size, niter)  # the run builds its own afterwards, from its seed
-    set_schedules(trial.optimizer, build_schedules(cfg, niter, world_size).at(0))
-    if cfg.data_loader == "ray_data":
-        sizes = [cfg.global_crops_size] * 2 + [cfg.local_crops_size] * cfg.local_crops_number
-        batches = cycled([([torch.randn(cfg.batch_size_per_gpu, 3, s, s) for s in sizes], None, 0)])
-    else:
-        batches = cycled(epoch_batches(0))
+    """The config sized to ``budget_minutes``: a few throw-away steps of the run's own model on its own loader give
+    the step time; a resumed run re-plans its remaining epochs into the minutes left."""
+    loader = epoch_batches(0)
+    trial = build_step(cfg, device, world_size, len(loader))  # the run builds its own afterwards, from its seed
+    set_schedules(trial.optimizer, build_schedules(cfg, len(loader), world_size).at(0))
+    batches = cycled(loader)
 
     def run_steps(count: int) -> None:
         for images, _, _ in batches(count):
@@ -307,4 +313,4 @@ def budgeted(cfg: DINOConfig, epoch_batches: Callable[[int], EpochBatches], devi
     seconds = measure_step_seconds(run_steps, device)
     done = int(checkpoint["epoch"]) if checkpoint is not None else 0
     spent = float(checkpoint.get("train_seconds", 0.0)) / 60 if checkpoint is not None else 0.0
-    return replanned(cfg, seconds, niter, spent, done)
+    return replanned(cfg, seconds, spent, done)
