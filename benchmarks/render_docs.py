@@ -286,23 +286,43 @@ def train_step(data: dict, ctx: Context) -> str:
 @renderer("ray_tax")
 def ray_tax(data: dict, ctx: Context) -> str:
     """The same steps through the plain loop and ``dino-ray pretrain`` on Ray without and with the monitor, for
-    each recorded label (before / after a change), with the epoch's split and where the CPUs went."""
+    each recorded label (before / after a change), with the epoch's split and where the CPUs went; ``summary``:
+    images/s against the plain loop alone."""
+    if ctx.option == "summary":
+        labels = list(data)
+        paths = list(dict.fromkeys(name for record in data.values() for name in record["paths"]))
+        rows = [[name] + [f"{num(r['images_per_s'])} (x{r['over_plain']:.2f})" if r else ""
+                          for r in (data[label]["paths"].get(name) for label in labels)] for name in paths]
+        latest = data[labels[-1]]
+        costs = latest["monitor_cost"] if isinstance(latest["monitor_cost"], dict) else {}
+        cost = ", ".join(f"{name.split(', monitor ')[1]} {share:.1%}" for name, share in costs.items())
+        return "\n".join([f"Images/s of the training steps, `{latest['recipe']}` on {latest['cpus']} CPUs, the same "
+                          "steps each way:", "", table(["path", *labels], rows), "",
+                          *([f"The k-NN monitor every 2 epochs takes {cost} of the loop's images/s ({labels[-1]}).",
+                             ""] if cost else []), source_line(ctx)])
     blocks = []
     for label, record in data.items():
         rows = []
         for name, r in record["paths"].items():
             cpu = r.get("cpu_percent", {})
-            rows.append([name, num(r["images_per_s"]), f"x{r['over_plain']:.2f}", num(r["step_s"]),
-                         num(r["data_wait_s"]), num(r["rest_s"]), num(cpu.get("training")),
+            loop = r.get("loop_images_per_s")
+            rows.append([name, num(r["images_per_s"]), f"x{r['over_plain']:.2f}",
+                         num(loop) if loop else "", f"x{r['loop_over_plain']:.2f}" if loop else "",
+                         num(r["step_s"]), num(r["data_wait_s"]), num(r["rest_s"]), num(cpu.get("training")),
                          num(cpu.get("Ray daemons and actors")), num(cpu.get("k-NN monitor"))])
+        costs = record["monitor_cost"]
+        cost = (f"the monitor costs {costs:.1%} of the training's images/s" if isinstance(costs, float) else
+                "the monitor every 2 epochs takes " + ", ".join(f"{name.split(', monitor ')[1]} {share:.1%}"
+                                                                for name, share in costs.items())
+                + " of the loop's images/s")
         blocks += [f"**{label}** (`{record['recipe']}`, {record['epochs']} epochs of {record['epoch_length']} "
-                   f"iterations, {record['cpus']} CPUs; the monitor costs {record['monitor_cost']:.1%} of the "
-                   "training's images/s):", "",
-                   table(["path", "images/s", "vs plain", "steps (s / epoch)", "data wait (s)", "rest (s)",
-                          "CPU %: training", "Ray", "monitor"], rows), ""]
-    return "\n".join(blocks + ["images/s and the epoch's split: mean over the epochs after the first. CPU %: "
-                                "percent of one core over the middle half of the run (200 = both cores).", "",
-                                source_line(ctx)])
+                   f"iterations, {record['cpus']} CPUs; {cost}):", "",
+                   table(["path", "images/s (steps)", "vs plain", "images/s (loop)", "vs plain", "steps (s / epoch)",
+                          "data wait (s)", "rest (s)", "CPU %: training", "Ray", "monitor"], rows), ""]
+    return "\n".join(blocks + ["images/s (steps): the training steps alone, mean over the epochs after the first; "
+                                "images/s (loop): over the loop's wall time after the first epoch, checkpoints, "
+                                "reports and a monitor between epochs included. CPU %: percent of one core over the "
+                                "middle half of the run (200 = both cores).", "", source_line(ctx)])
 
 
 @renderer("augment")

@@ -46,10 +46,12 @@ def test_a_budgeted_run_completes_its_schedule_within_its_minutes(tiny_cfg, capl
 def test_a_run_slower_than_its_first_measure_shortens_the_epochs_left(tiny_cfg, caplog):
     """The first plan times a few steps alone; what shares the machine over an epoch (here a hook that takes two
     seconds, as a slow checkpoint upload would) shows at the next epoch, which re-plans the rest of the budget."""
-    cfg = tiny_cfg(epochs=3, budget_minutes=0.2, min_lr=1e-4)
+    cfg = tiny_cfg(epochs=3, budget_minutes=0.2, min_lr=1e-4, log_freq=1)
+    logged = []
     with caplog.at_level(logging.INFO, logger="dino_ray"):
         train_dino(cfg, show_progress=False, on_epoch_end=lambda epoch, stats, path: time.sleep(2.0 if epoch == 0
-                                                                                                  else 0.0))
+                                                                                                  else 0.0),
+                   on_step=lambda iteration, metrics: logged.append(iteration))
     assert "re-planned from the epochs so far" in caplog.text
     lines = [json.loads(line) for line in open(f"{cfg.output_dir}/log.txt")]
     lengths = [line["train_plan_epoch_length"] for line in lines]
@@ -59,3 +61,5 @@ def test_a_run_slower_than_its_first_measure_shortens_the_epochs_left(tiny_cfg, 
     assert lengths[1] * lines[1]["train_plan_step_seconds"] <= left / 2
     assert lines[-1]["train_lr"] == pytest.approx(1e-4, rel=0.05)  # and the schedule still runs to its end
     assert lines[-1]["train_minutes"] > lines[0]["train_minutes"] + 2.0 / 60  # the minutes count the hook's time
+    # the logged iterations count the steps taken, whatever each epoch's length: 0, 1, 2, ... once each
+    assert logged == list(range(sum(line["train_steps"] for line in lines)))

@@ -40,7 +40,8 @@ def test_cpu_recipe_learns_on_cifar10_and_is_tracked(tmp_path, monkeypatch):
     assert len(per_iteration) >= sum(math.ceil(length / cfg.log_freq) for length in lengths)
     assert pretraining.data.metrics["lr"] == pytest.approx(cfg.min_lr, rel=0.05)  # the schedule ran to its end
     assert pretraining.data.metrics["peak_rss_mb"] > 100
-    # the k-NN monitor (Ray validation tasks, every knn_every-th epoch) evaluated those checkpoints
+    # the k-NN monitor (between epochs on 2 cores, else in Ray's validation tasks; every knn_every-th epoch)
+    # evaluated those checkpoints
     monitored = sorted(m.step for m in client.get_metric_history(pretraining.info.run_id, "knn_top1_k20"))
     assert monitored == list(range(cfg.eval.knn_every - 1, cfg.epochs, cfg.eval.knn_every))
     children = client.search_runs([pretraining.info.experiment_id],

@@ -2,6 +2,7 @@
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import signal
@@ -26,6 +27,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from dino_ray import build_backbone, load_pretrained_weights  # noqa: E402
 from dino_ray.core.args import ConfigError, RunFailed  # noqa: E402
+from dino_ray.core.data.cifar10 import SAMPLE  # noqa: E402
 from dino_ray.core.storage import fetch  # noqa: E402
 from dino_ray.core.train.loop import train_dino  # noqa: E402
 from dino_ray.platform import trainer as ray_trainer  # noqa: E402
@@ -102,30 +104,37 @@ def test_two_workers_train_and_resume_from_an_mlflow_run(local_ray, tiny_cfg, ci
     # --resume-from an MLflow run id: a new Ray run (other name and storage, 1 worker, the DataLoader) continues
     # the 2-worker run's checkpoint and its MLflow run, in the same store
     assert run.data.tags["torch_threads"] == "1"  # Ray's default for a worker of one CPU or less
+    # its k-NN monitor in Ray's asynchronous validation task (on these 2 CPUs it would run between epochs unasked)
     more = tiny_cfg(epochs=3, batch_size_per_gpu=16, output_dir=str(tmp_path / "more"),
-                    tracking={"tracking_uri": uri_two}, scaling={"threads_per_worker": 2})
+                    tracking={"tracking_uri": uri_two}, scaling={"threads_per_worker": 2},
+                    eval={"knn_every": 1, "knn_sync": False, "knn_val_data": str(SAMPLE / "val.parquet"),
+                          "knn_train_images": 128, "knn_val_images": 64, "attention_images": 0})
     result = pretrain_on_ray(more, resume_from=run.info.run_id)
     assert result.error is None and result.checkpoint is not None, result.error
     with result.checkpoint.as_directory() as folder:
         assert [json.loads(line)["epoch"] for line in open(f"{folder}/log.txt")] == [2]  # 0 and 1 came from MLflow
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [0, 1, 2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "knn_top1_k20")] == [2]
     assert client.get_run(run.info.run_id).data.tags["torch_threads"] == "2"  # scaling.threads_per_worker
     with pytest.raises(FileNotFoundError, match="neither a checkpoint file nor an MLflow run"):
         pretrain_on_ray(more, resume_from="0123456789abcdef" * 2)  # an MLflow run id this store lacks
 
 
 def test_checkpoints_and_artifacts_on_s3_and_a_resume_from_there_alone(local_ray, s3_server, tiny_cfg, cifar_rows,
-                                                                       tmp_path, monkeypatch):
+                                                                       tmp_path, monkeypatch, caplog):
     """Everything on the (local) S3 server: Ray's checkpoints and MLflow's artifacts. A new driver with no
     local file of the run (the first one's machine is gone) resumes from the bucket and continues the MLflow
     run. A worker or node lost mid-run is restored the same way, from the storage (test_ray_job.py)."""
+    caplog.set_level(logging.INFO, logger="dino_ray")
     storage, artifacts = f"{s3_server}/ray_results", f"{s3_server}/mlartifacts"
     mlflow_db = f"sqlite:///{tmp_path / 'mlflow.db'}"  # the server's database; its artifacts are in the bucket
 
     def on_s3(epochs: int):
         return tiny_cfg(epochs=epochs, batch_size_per_gpu=8, scaling={"num_workers": 2},
                         output_dir=str(tmp_path / "s3run"), run={"name": "s3run", "storage_path": storage},
-                        tracking={"tracking_uri": mlflow_db, "artifact_location": artifacts})
+                        tracking={"tracking_uri": mlflow_db, "artifact_location": artifacts},
+                        eval={"knn_every": 1, "knn_val_data": str(SAMPLE / "val.parquet"), "knn_train_images": 128,
+                              "knn_val_images": 64, "attention_images": 0})
 
     result = pretrain_on_ray(on_s3(2))
     assert result.error is None
@@ -140,6 +149,9 @@ def test_checkpoints_and_artifacts_on_s3_and_a_resume_from_there_alone(local_ray
     (run,) = client.search_runs([client.get_experiment_by_name("dino-ray").experiment_id])
     assert run.info.status == "FINISHED"  # one MLflow run across the resume
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [0, 1, 2]
+    # the monitor ran on rank 0 between epochs, unasked: the 2 workers keep both CPUs busy
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "knn_top1_k20")] == [0, 1, 2]
+    assert caplog.text.count("k-NN monitor every 1 epochs: on rank 0 between epochs") == 2
     assert run.info.artifact_uri.startswith(artifacts)
     s3, _ = pafs.FileSystem.from_uri(s3_server)  # as Ray and MLflow reach it: through AWS_ENDPOINT_URL
     stored = {info.path for info in s3.get_file_info(pafs.FileSelector("dino-ray/mlartifacts", recursive=True))}

@@ -88,7 +88,9 @@ def test_checkpoint_has_the_reference_layout(tiny_cfg):
     cfg = tiny_cfg(epochs=2)
     train_dino(cfg, show_progress=False)
     ckpt = torch.load(f"{cfg.output_dir}/checkpoint.pth", weights_only=True)
-    assert set(ckpt) == {"student", "teacher", "optimizer", "epoch", "args", "dino_loss", "train_seconds"}  # + budgets
+    # the reference's keys, plus the minutes and steps so far (a resumed budget and step count continue from them)
+    assert set(ckpt) == {"student", "teacher", "optimizer", "epoch", "args", "dino_loss", "train_seconds", "steps"}
+    assert ckpt["steps"] == 2 * 128 // 16  # 2 epochs of 128 images in batches of 16
     assert all(k.startswith(("module.backbone.", "module.head.")) for k in ckpt["student"])
     assert all(k.startswith(("backbone.", "head.")) for k in ckpt["teacher"])
     assert ckpt["epoch"] == 2 and ckpt["args"]["lr"] == cfg.lr and ckpt["dino_loss"]["center"].shape == (1, 64)

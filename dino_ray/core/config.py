@@ -83,8 +83,9 @@ class TrackingSection:
 
 @dataclass
 class EvalSection:
-    """Evaluation while pretraining: a k-NN monitor and attention maps of every ``knn_every``-th checkpoint,
-    run in Ray Train's asynchronous validation tasks (beside the training workers, not on their time)."""
+    """Evaluation while pretraining: a k-NN monitor and attention maps of every ``knn_every``-th checkpoint, in
+    Ray Train's asynchronous validation task when the cluster has CPUs the training leaves free, else on rank 0
+    between epochs (``knn_sync``)."""
     knn_every: int = 0  # epochs between monitors; 0: off
     knn_train_data: Optional[str] = None  # labelled images for the k-NN memory bank; default: data_path
     knn_val_data: Optional[str] = None  # held-out labelled images (needed when knn_every > 0)
@@ -94,7 +95,9 @@ class EvalSection:
     knn_temperature: float = 0.07
     attention_images: int = 2  # the first images of knn_val_data, 0: no attention figures
     num_cpus: float = 1.0  # Ray resources of one monitor task
-    knn_sync: bool = False  # run the monitor on rank 0 inside the epoch's report (sweeps: Tune sees its metric)
+    # the monitor on rank 0 inside the epoch's report (sweeps: Tune sees its metric); None: there when the training's
+    # threads fill the cluster's CPUs (a laptop), else in its own Ray task beside the training
+    knn_sync: Optional[bool] = None
 
     def problems(self) -> list[str]:
         problems = below(self, ("knn_every", "attention_images"), 0) + below(self, ("knn_train_images",

@@ -36,7 +36,7 @@ def random_subset(dataset: Any, count: int, seed: int = 0) -> Any:
 
 
 def run_quickstart(train_data: Optional[str], val_data: Optional[str], output_dir: str,
-                   overrides: Optional[list[str]] = None, knn_train_images: int = 5000, knn_val_images: int = 2000,
+                   overrides: Optional[list[str]] = None, knn_train_images: int = 5000, knn_val_images: int = 10000,
                    attention_images: int = 4, config: str | Path = CONFIG,
                    budget_minutes: Optional[float] = BUDGET_MINUTES) -> dict:
     """Pretrain on Ray (its schedule sized to ``budget_minutes`` unless None: the recipe's epochs), evaluate, log

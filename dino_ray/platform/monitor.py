@@ -1,7 +1,12 @@
-"""The k-NN monitor of a running pretraining: Ray Train's asynchronous validation function.
+"""The k-NN monitor of a running pretraining: Ray Train's asynchronous validation function, or a step of rank 0's
+report between epochs.
 
-Every ``eval.knn_every``-th checkpoint that rank 0 reports is handed to ``knn_monitor`` in its own
-Ray task (``ValidationConfig``), so the training workers never wait for it. It loads the teacher
+Every ``eval.knn_every``-th checkpoint that rank 0 reports is handed to ``knn_monitor``. Where the cluster has
+CPUs that the training leaves free, that happens in its own Ray task (``ValidationConfig``), so the training
+workers never wait for it. Where the training's threads take every CPU (a laptop), a task would compete with them
+for the cores, and start a process, import torch and build the model each time: there the monitor runs on rank 0
+inside the epoch's report instead (``monitor_between_epochs``), a pause of a second or two for the CPU recipe
+(``benchmarks/ray_tax.py`` measures both). It loads the teacher
 backbone from the checkpoint, runs the weighted k-NN on a small labelled subset, draws the
 attention maps of a few fixed held-out images, and logs both to the pretraining's MLflow run at
 the checkpoint's epoch. Its metrics are also attached to the checkpoint by Ray.
@@ -14,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from dino_ray.core.config import build_config
+from dino_ray.core.config import DINOConfig, build_config
 from dino_ray.core.data.augment import eval_transform
 from dino_ray.core.data.datasets import build_dataset
 from dino_ray.core.models.build import backbone_from_checkpoint
@@ -25,6 +30,26 @@ from dino_ray.platform.tracking.store import RUN_ID_FILE
 
 log = logging.getLogger(__name__)
 MONITOR_NICENESS = 19  # the lowest priority: the monitor must not slow the training it watches
+
+
+def training_cpus(cfg: DINOConfig) -> float:
+    """The CPUs a run's training workers keep busy: each worker's CPUs, or its torch threads when it has more (a
+    worker of half a CPU still runs one thread)."""
+    per_worker = (cfg.scaling.resources_per_worker or {}).get("CPU", 1)
+    return cfg.scaling.num_workers * max(per_worker, cfg.scaling.threads_per_worker or 1)
+
+
+def monitor_between_epochs(cfg: DINOConfig, cluster_cpus: float) -> bool:
+    """Whether the monitor runs on rank 0 in the epoch's report: ``eval.knn_sync`` when set, else when the training
+    (and Ray Data's tasks) leave fewer CPUs than one monitor task asks for (``eval.num_cpus``). A cluster smaller
+    than its training has yet to grow (an autoscaler starting from no workers, a head of 0 CPUs): a task, there."""
+    if cfg.eval.knn_sync is not None:
+        return cfg.eval.knn_sync
+    busy = training_cpus(cfg)
+    if cluster_cpus < busy:
+        return False
+    loading = cfg.ray_data.num_cpus if cfg.data_loader == "ray_data" else 0
+    return cluster_cpus - busy - loading < cfg.eval.num_cpus
 
 
 def knn_monitor(checkpoint: Any, config: dict[str, Any], epoch: int) -> dict[str, float]:

@@ -37,7 +37,7 @@ from dino_ray.core.storage import is_uri, join
 from dino_ray.core.train.checkpoint import kept_epoch
 from dino_ray.core.train.loop import train_dino
 from dino_ray.platform.checkpoints import resolve_checkpoint
-from dino_ray.platform.monitor import knn_monitor, knn_monitor_task
+from dino_ray.platform.monitor import knn_monitor, knn_monitor_task, monitor_between_epochs, training_cpus
 from dino_ray.platform.ray_data import multicrop_dataset, shard_epochs
 from dino_ray.platform.ray_session import missing_on_nodes, ray_session
 from dino_ray.platform.ray_train import fit, run_in_scratch, torch_trainer, worker_context
@@ -157,6 +157,14 @@ def build_trainer(cfg: DINOConfig, resume_from: Optional[Checkpoint] = None, job
     ``run_key``: what names its MLflow run across restarts (a new one by default); ``init_from``: the staged
     weights of ``cfg.init_from``."""
     storage_path, run_name = run_storage(cfg)
+    if cfg.eval.knn_every:
+        cpus = ray.cluster_resources().get("CPU", 0)
+        sync = monitor_between_epochs(cfg, cpus)
+        why = ("eval.knn_sync" if cfg.eval.knn_sync is not None else
+               f"the training keeps {training_cpus(cfg):g} of the cluster's {cpus:g} CPUs busy")
+        log.info("k-NN monitor every %d epochs: %s (%s)", cfg.eval.knn_every,
+                 "on rank 0 between epochs" if sync else "in its own Ray task", why)
+        cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, knn_sync=sync))
     validation = None
     if cfg.eval.knn_every and not cfg.eval.knn_sync:  # the k-NN monitor, in Ray's own task per flagged checkpoint
         validation = ValidationConfig(knn_monitor_task, ValidationTaskConfig(fn_kwargs={"config": cfg.to_dict()}),

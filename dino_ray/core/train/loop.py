@@ -97,11 +97,14 @@ def set_schedules(optimizer: torch.optim.Optimizer, values: dict[str, float]) ->
 
 
 def train_one_epoch(step: DINOStep, loader: EpochBatches, schedules: Schedules, epoch: int,
-                    show_progress: bool = False, on_step: Optional[StepCallback] = None) -> dict[str, float]:
+                    show_progress: bool = False, on_step: Optional[StepCallback] = None,
+                    steps_before: Optional[int] = None) -> dict[str, float]:
     """One pass over ``loader``; returns the epoch's mean loss, monitors, last schedule values, timings and memory.
 
     ``on_step(global_iteration, metrics)`` is called every ``log_freq`` iterations (the reference's
-    MetricLogger cadence) with that iteration's loss, schedules, timings and memory.
+    MetricLogger cadence) with that iteration's loss, schedules, timings and memory. The global iteration counts
+    from ``steps_before``, the iterations the run went through before this epoch (default: ``epoch`` epochs of this
+    length; a time budget changes the lengths, so the schedules' position and this count part).
     """
     cfg, device = step.cfg, next(step.student.parameters()).device
     loss_sum = images_seen = skipped = steps = allreduce_bytes = 0
@@ -116,7 +119,7 @@ def train_one_epoch(step: DINOStep, loader: EpochBatches, schedules: Schedules, 
         skipped += bad
         if images is None:  # every image of this batch failed to decode
             continue
-        it = len(loader) * epoch + i  # global iteration
+        it = len(loader) * epoch + i  # the schedules' position: the same fraction of the run whatever the length
         values = schedules.at(it)
         set_schedules(step.optimizer, values)
         out = step.forward_backward([im.to(device, non_blocking=True) for im in images], epoch, i)
@@ -132,14 +135,15 @@ def train_one_epoch(step: DINOStep, loader: EpochBatches, schedules: Schedules, 
             bar.set_postfix(loss=f"{out.loss:.4f}", lr=f"{values['lr']:.2e}")
             if on_step is not None:
                 entropy, kl = out.monitors.tolist()
-                on_step(it, {"epoch": epoch + (i + 1) / len(loader), "loss": out.loss, "teacher_entropy": entropy,
-                             "backbone_frozen": float(step.backbone_frozen(epoch, i)),
-                             "kl_teacher_student": kl, **values,
-                             "teacher_temp": float(step.dino_loss.teacher_temp_schedule[epoch]),
-                             "images_per_s": len(images[0]) / (step_time + data_time), "step_time": step_time,
-                             "data_time": data_time, **memory_stats(device),
-                             **({"allreduce_time": out.allreduce_seconds, "allreduce_mb": out.allreduce_bytes / 2**20}
-                                if step.allreduce else {})})
+                on_step(i + (len(loader) * epoch if steps_before is None else steps_before),
+                        {"epoch": epoch + (i + 1) / len(loader), "loss": out.loss, "teacher_entropy": entropy,
+                         "backbone_frozen": float(step.backbone_frozen(epoch, i)),
+                         "kl_teacher_student": kl, **values,
+                         "teacher_temp": float(step.dino_loss.teacher_temp_schedule[epoch]),
+                         "images_per_s": len(images[0]) / (step_time + data_time), "step_time": step_time,
+                         "data_time": data_time, **memory_stats(device),
+                         **({"allreduce_time": out.allreduce_seconds, "allreduce_mb": out.allreduce_bytes / 2**20}
+                            if step.allreduce else {})})
         tick = time.perf_counter()
     if steps == 0:
         raise ValueError(f"epoch {epoch}: no image of '{cfg.data_path}' could be decoded")
@@ -236,6 +240,7 @@ def train_dino(cfg: DINOConfig, resume_from: Optional[str | Path] = None,
 
     stats: dict[str, Any] = {}
     spent_before, loop_start, steps_run = train_seconds, time.perf_counter(), 0
+    steps_before = int(checkpoint.get("steps", start_epoch * niter_per_ep)) if checkpoint is not None else 0
     for epoch in range(start_epoch, cfg.epochs):
         if plan is not None and steps_run:
             cfg, plan, schedules = replan_epochs(cfg, spent_before, loop_start, steps_run, epoch, device, world_size)
@@ -245,14 +250,15 @@ def train_dino(cfg: DINOConfig, resume_from: Optional[str | Path] = None,
         seed_everything(cfg.seed, rank, epoch)  # whatever the input: drop-path masks and augmentations per rank
         batches = epoch_batches(epoch)
         stats = train_one_epoch(step, batches, schedules, epoch, show_progress and rank == 0,
-                                on_step if rank == 0 else None)
+                                on_step if rank == 0 else None, steps_before + steps_run)
         steps_run += len(batches)
         train_seconds = spent_before + time.perf_counter() - loop_start  # earlier epochs' checkpoints and hooks too
         stats.update(minutes=train_seconds / 60, **(plan.metrics() if plan else {}))
         latest = output_dir / "checkpoint.pth"
         if rank == 0:
             state = {**training_state(step.student, step.teacher, step.optimizer, step.dino_loss, step.scaler,
-                                      epoch + 1, cfg.to_dict()), "train_seconds": train_seconds}
+                                      epoch + 1, cfg.to_dict()), "train_seconds": train_seconds,
+                     "steps": steps_before + steps_run}
             save_checkpoint(state, latest)
             if kept_epoch(epoch, cfg.saveckp_freq):
                 save_checkpoint(state, output_dir / f"checkpoint{epoch:04}.pth")
