@@ -98,13 +98,13 @@ def set_schedules(optimizer: torch.optim.Optimizer, values: dict[str, float]) ->
 
 def train_one_epoch(step: DINOStep, loader: EpochBatches, schedules: Schedules, epoch: int,
                     show_progress: bool = False, on_step: Optional[StepCallback] = None,
-                    steps_before: Optional[int] = None) -> dict[str, float]:
+                    steps_before: int = 0) -> dict[str, float]:
     """One pass over ``loader``; returns the epoch's mean loss, monitors, last schedule values, timings and memory.
 
     ``on_step(global_iteration, metrics)`` is called every ``log_freq`` iterations (the reference's
     MetricLogger cadence) with that iteration's loss, schedules, timings and memory. The global iteration counts
-    from ``steps_before``, the iterations the run went through before this epoch (default: ``epoch`` epochs of this
-    length; a time budget changes the lengths, so the schedules' position and this count part).
+    from ``steps_before``, the iterations the run went through before this epoch (a time budget changes the epochs'
+    lengths, so this count and the schedules' position part).
     """
     cfg, device = step.cfg, next(step.student.parameters()).device
     loss_sum = images_seen = skipped = steps = allreduce_bytes = 0
@@ -135,7 +135,7 @@ def train_one_epoch(step: DINOStep, loader: EpochBatches, schedules: Schedules, 
             bar.set_postfix(loss=f"{out.loss:.4f}", lr=f"{values['lr']:.2e}")
             if on_step is not None:
                 entropy, kl = out.monitors.tolist()
-                on_step(i + (len(loader) * epoch if steps_before is None else steps_before),
+                on_step(steps_before + i,
                         {"epoch": epoch + (i + 1) / len(loader), "loss": out.loss, "teacher_entropy": entropy,
                          "backbone_frozen": float(step.backbone_frozen(epoch, i)),
                          "kl_teacher_student": kl, **values,
