@@ -10,8 +10,15 @@ cost is the share of the loop's images/s it takes. Also recorded: where the CPUs
 in the middle of the run (the middle half of its wall time, sampled from /proc every second): the process that
 trains with its data-loader processes, the k-NN monitor's tasks, and the rest of Ray (daemons, controller actors).
 
-Usage: ``python benchmarks/ray_tax.py [--epochs 5] [--epoch_length 40] [--out JSON] [--label before]``; results
-go under ``--label`` in ``benchmarks/results/ray_tax.json`` (so a before and an after sit side by side).
+Then what Ray itself costs when nothing computes: a Ray Train run whose one worker sleeps, in a fresh local instance
+with Ray's defaults and with dino-ray's (``ray_session``), each process's CPU over 20 s and how often the main
+thread of each Ray worker process wakes up.
+
+Every path runs ``--rounds`` times, the paths taking turns (in reverse order every other round), and its figures
+are the means: this machine's speed drifts by several percent from one run to the next.
+
+Usage: ``python benchmarks/ray_tax.py [--epochs 5] [--epoch_length 40] [--rounds 2] [--out JSON] [--label before]``;
+results go under ``--label`` in ``benchmarks/results/ray_tax.json`` (so a before and an after sit side by side).
 """
 from __future__ import annotations
 
@@ -36,6 +43,8 @@ MONITOR_TITLES = ("knn_monitor", "run_validation_fn")  # the task's name in its 
 PATHS = {"plain loop": (False, None), "Ray, no monitor": (True, None),
          "Ray, monitor between epochs": (True, True), "Ray, monitor in a Ray task": (True, False)}
 BARE = "Ray, no monitor"
+SESSIONS = ("Ray's defaults", "dino-ray's local session")
+PROBE_SECONDS = 20
 
 
 def process_table() -> dict[int, tuple[str, int, float]]:
@@ -123,22 +132,127 @@ def run(name: str, on_ray: bool, sync: Optional[bool], epochs: int, epoch_length
             "wall_s": round(wall, 1), "cpu_percent": cpu_use(samples)}
 
 
+def mean_of_rounds(found: list[dict[str, Any]]) -> dict[str, Any]:
+    """One path's figures over its rounds: means, each round's images/s kept beside them."""
+    mean = {key: round(statistics.mean(r[key] for r in found), 3) for key, value in found[0].items()
+            if isinstance(value, (int, float))}
+    cpu = {key: round(statistics.mean(r["cpu_percent"].get(key, 0.0) for r in found), 1)
+           for key in dict.fromkeys(k for r in found for k in r["cpu_percent"])}
+    return {**mean, "cpu_percent": cpu, "per_epoch_images_per_s": [r["per_epoch_images_per_s"] for r in found],
+            "rounds_images_per_s": [r["images_per_s"] for r in found],
+            "rounds_loop_images_per_s": [r["loop_images_per_s"] for r in found]}
+
+
+def descendants(root: int, table: dict[int, tuple[str, int, float]]) -> set[int]:
+    family, grown = {root}, True
+    while grown:
+        more = {pid for pid, (_, parent, _) in table.items() if parent in family} - family
+        family |= more
+        grown = bool(more)
+    return family
+
+
+def process_name(command: str) -> str:
+    """``ray::TrainController.run``, ``raylet``, ``log_monitor.py``: what a person recognises."""
+    words = command.split()
+    if not words:
+        return "?"
+    if words[0].startswith(("ray::", "ray-dashboard-")):
+        return words[0].split("(")[0]
+    program = Path(words[0]).name
+    script = next((w for w in words[1:] if w.endswith(".py")), None) if program.startswith("python") else None
+    return Path(script).name if script else program
+
+
+def wakeups(pid: int) -> int:
+    """Voluntary context switches of a process's main thread so far: each one a wake-up from a wait."""
+    status = Path(f"/proc/{pid}/task/{pid}/status").read_text()
+    return int(status.split("voluntary_ctxt_switches:")[1].split()[0])
+
+
+def idle_probe(session: str) -> dict[str, Any]:
+    """In this process: a fresh local Ray (``session``: Ray's defaults or ``ray_session``), a Ray Train run whose
+    one worker sleeps; CPU of every process of the instance over ``PROBE_SECONDS`` once it has settled."""
+    import contextlib
+
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from dino_ray.platform.ray_session import ray_session
+
+    measured: dict[str, Any] = {}
+
+    def measure() -> None:
+        time.sleep(15)
+        before, start = process_table(), time.time()
+        workers = {pid: wakeups(pid) for pid in descendants(os.getpid(), before)
+                   if before[pid][0].startswith("ray::")}
+        time.sleep(PROBE_SECONDS)
+        after, seconds = process_table(), time.time() - start
+        use: dict[str, float] = {}
+        for pid in descendants(os.getpid(), after) & set(before):
+            name = process_name(after[pid][0])
+            use[name] = use.get(name, 0.0) + (after[pid][2] - before[pid][2]) / seconds * 100
+        rates = [(wakeups(pid) - count) / seconds for pid, count in workers.items() if pid in after]
+        measured.update({"cpu_percent": round(sum(use.values()), 1), "processes": len(use),
+                         "worker_processes": len(rates),
+                         "worker_main_thread_wakeups_per_s": round(statistics.median(rates), 1),
+                         "by_process": {k: round(v, 2) for k, v in sorted(use.items(), key=lambda kv: -kv[1])}})
+
+    with contextlib.ExitStack() as stack:
+        if session == SESSIONS[0]:
+            ray.init(address="local", logging_level="ERROR")
+            stack.callback(ray.shutdown)
+        else:
+            stack.enter_context(ray_session())
+        probe = threading.Thread(target=measure)
+        probe.start()
+        TorchTrainer(lambda config: time.sleep(15 + PROBE_SECONDS + 5), scaling_config=ScalingConfig(num_workers=1),
+                     run_config=RunConfig(storage_path=tempfile.mkdtemp(prefix="dino_ray_probe_"), name="idle")).fit()
+        probe.join()
+    return measured
+
+
+def idle_sessions() -> dict[str, Any]:
+    """``idle_probe`` of each session, each in a fresh process."""
+    found = {}
+    for session in SESSIONS:
+        done = subprocess.run([sys.executable, __file__, "--probe", session], check=True, capture_output=True,
+                              text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        found[session] = json.loads(done.stdout.strip().splitlines()[-1])
+        r = found[session]
+        print(f"idle Ray Train session, {session:26s}: {r['cpu_percent']:5.1f} % of a core, {r['processes']} "
+              f"processes ({r['worker_processes']} Ray workers, their main threads waking "
+              f"{r['worker_main_thread_wakeups_per_s']:.0f} times a second)", flush=True)
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--epoch_length", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=2, help="times each path runs, the paths taking turns")
     parser.add_argument("--label", default="now", help="the key these results go under (before / after)")
     parser.add_argument("--config", default="cifar10_cpu", help="the recipe: a shipped one's name or a YAML file")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ray_tax.json"))
+    parser.add_argument("--probe", choices=SESSIONS, help=argparse.SUPPRESS)  # one idle session, in its own process
     args = parser.parse_args()
+    if args.probe:
+        print(json.dumps(idle_probe(args.probe)))
+        return
     work = Path(tempfile.mkdtemp(prefix="dino_ray_tax_"))
-    results = {}
-    for name, (on_ray, sync) in PATHS.items():
-        results[name] = run(name, on_ray, sync, args.epochs, args.epoch_length, work, args.config)
-        r = results[name]
-        print(f"{name:28s} {r['images_per_s']:7.1f} images/s in the steps, {r['loop_images_per_s']:7.1f} over the "
-              f"loop; an epoch {r['epoch_s']:.1f} s = steps {r['step_s']:.1f} + data wait {r['data_wait_s']:.1f} + "
-              f"rest {r['rest_s']:.1f}; CPU % {r['cpu_percent']}", flush=True)
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in PATHS}
+    for turn in range(args.rounds):  # the order reversed every other round: a machine that drifts favours no path
+        for name in (list(PATHS) if turn % 2 == 0 else list(reversed(PATHS))):
+            on_ray, sync = PATHS[name]
+            r = run(name, on_ray, sync, args.epochs, args.epoch_length, work / f"round{turn}", args.config)
+            runs[name].append(r)
+            print(f"round {turn} {name:28s} {r['images_per_s']:7.1f} images/s in the steps, "
+                  f"{r['loop_images_per_s']:7.1f} over the loop; an epoch {r['epoch_s']:.1f} s = steps "
+                  f"{r['step_s']:.1f} + data wait {r['data_wait_s']:.1f} + rest {r['rest_s']:.1f}; "
+                  f"CPU % {r['cpu_percent']}", flush=True)
+    results = {name: mean_of_rounds(found) for name, found in runs.items()}
     plain = results["plain loop"]
     for r in results.values():
         r["over_plain"] = round(r["images_per_s"] / plain["images_per_s"], 3)
@@ -148,7 +262,8 @@ def main() -> None:
              if PATHS[name][1] is not None}
     record = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
     record[args.label] = {"recipe": Path(args.config).stem, "epochs": args.epochs, "epoch_length": args.epoch_length,
-                          "knn_every": 2, "cpus": os.cpu_count(), "paths": results, "monitor_cost": costs}
+                          "rounds": args.rounds, "knn_every": 2, "cpus": os.cpu_count(), "paths": results,
+                          "monitor_cost": costs, "idle_session": idle_sessions()}
     Path(args.out).write_text(json.dumps(record, indent=2))
     print(f"Ray / plain over the loop {results[BARE]['loop_over_plain']:.3f} (steps alone "
           f"{results[BARE]['over_plain']:.3f}); the monitor costs {costs}; saved {args.out}")

@@ -287,7 +287,17 @@ def train_step(data: dict, ctx: Context) -> str:
 def ray_tax(data: dict, ctx: Context) -> str:
     """The same steps through the plain loop and ``dino-ray pretrain`` on Ray without and with the monitor, for
     each recorded label (before / after a change), with the epoch's split and where the CPUs went; ``summary``:
-    images/s against the plain loop alone."""
+    images/s against the plain loop alone; ``idle``: what an idle Ray Train session costs, by session."""
+    if ctx.option == "idle":
+        label, record = next((k, v) for k, v in reversed(data.items()) if "idle_session" in v)
+        rows = [[name, num(r["cpu_percent"]), r["processes"], r["worker_processes"],
+                 num(r["worker_main_thread_wakeups_per_s"]),
+                 ", ".join(f"{process} {share:.1f}" for process, share in list(r["by_process"].items())[:5])]
+                for name, r in record["idle_session"].items()]
+        return "\n".join([f"A Ray Train run whose one worker sleeps, on {record['cpus']} CPUs ({label}):", "",
+                          table(["session", "CPU % of a core", "processes", "Ray worker processes",
+                                 "wake-ups a second (a worker's main thread, median)", "largest (CPU %)"], rows),
+                          "", source_line(ctx)])
     if ctx.option == "summary":
         labels = list(data)
         paths = list(dict.fromkeys(name for record in data.values() for name in record["paths"]))
@@ -315,8 +325,9 @@ def ray_tax(data: dict, ctx: Context) -> str:
                 "the monitor every 2 epochs takes " + ", ".join(f"{name.split(', monitor ')[1]} {share:.1%}"
                                                                 for name, share in costs.items())
                 + " of the loop's images/s")
+        rounds = f", each path {record['rounds']} times, the means" if record.get("rounds", 1) > 1 else ""
         blocks += [f"**{label}** (`{record['recipe']}`, {record['epochs']} epochs of {record['epoch_length']} "
-                   f"iterations, {record['cpus']} CPUs; {cost}):", "",
+                   f"iterations{rounds}, {record['cpus']} CPUs; {cost}):", "",
                    table(["path", "images/s (steps)", "vs plain", "images/s (loop)", "vs plain", "steps (s / epoch)",
                           "data wait (s)", "rest (s)", "CPU %: training", "Ray", "monitor"], rows), ""]
     return "\n".join(blocks + ["images/s (steps): the training steps alone, mean over the epochs after the first; "

@@ -13,6 +13,10 @@ def niceness() -> int:
     return os.nice(0)
 
 
+def environment(name: str) -> str | None:
+    return os.environ.get(name)
+
+
 def slow_power(base: int, exponent: int) -> int:
     time.sleep(0.3 * exponent)  # the first call finishes last: results still come back in the calls' order
     return base ** exponent
@@ -25,6 +29,8 @@ def test_a_session_started_here_is_shut_down_and_a_held_one_is_left(capsys):
         assert ray.is_initialized()
         # its workers train at the plain loop's priority (Ray's default niceness, 15, yields to every daemon)
         assert ray.get(ray.remote(niceness).remote()) == niceness()  # the driver's (0 unless the tests run niced)
+        # no watcher of node preemption on one machine: Ray Train's controller, a worker, reads it from its environment
+        assert ray.get(ray.remote(environment).remote("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")) == "0"
         with ray_session():  # a command inside another (the quickstart's pretraining): joins, leaves it running
             assert map_tasks(slow_power, [(2, 3), (3, 2), (5, 1)], "powers", unit="call") == [8, 9, 5]
         assert ray.is_initialized()

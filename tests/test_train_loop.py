@@ -183,16 +183,20 @@ def test_fixed_length_epochs_walk_through_the_data_once_per_pass():
 
 
 def test_epochs_resized_by_a_budget_still_walk_through_each_pass_once(tiny_cfg):
-    """The DataLoader input starts each epoch where the previous one ended, whatever their lengths (a time budget
-    re-sizes the epochs as it goes): 1 + 3 + 1 batches of 8 over 40 images are exactly one pass."""
+    """The DataLoader input starts each epoch after the images the run's iterations took, whatever the epochs'
+    lengths (a time budget re-sizes them as it goes): 1 + 3 + 1 batches of 8 over 40 images are exactly one pass,
+    and a resumed run, counting from its checkpoint's iterations, continues the same stream."""
     cfg = tiny_cfg(epoch_length=1, batch_size_per_gpu=8, max_images=40, num_workers=0)
     current = {"cfg": cfg}
     epoch_batches = loop.dataloader_epochs(lambda: current["cfg"], rank=0, world_size=1)
-    seen = []
+    seen, steps = [], 0
     for epoch, length in enumerate((1, 3, 1)):
         current["cfg"] = dataclasses.replace(cfg, epoch_length=length)
-        seen += list(iter(epoch_batches(epoch).sampler))
+        seen += list(iter(epoch_batches(epoch, steps).sampler))
+        steps += length
     assert sorted(seen) == list(range(40))
+    resumed = loop.dataloader_epochs(lambda: current["cfg"], rank=0, world_size=1)  # a new process, at epoch 2
+    assert list(iter(resumed(2, 4).sampler)) == seen[32:]
 
 
 def test_small_image_resnet_with_short_run_options_trains_and_resumes_its_shape(tiny_cfg):

@@ -15,7 +15,11 @@ from typing import Any, Callable, Iterator, Sequence
 from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
-LOCAL_WORKER_NICENESS = 0  # Ray's default is 15
+# A local instance: its workers at the plain loop's priority (Ray's default niceness is 15), no workers started ahead
+# of demand, no watcher of node preemption (one machine is not preempted). Each Ray worker process wakes about 100
+# times a second even when idle (about 1 % of a core): on a laptop every process fewer is training time.
+LOCAL_SYSTEM_CONFIG = {"worker_niceness": 0, "enable_worker_prestart": False, "prestart_worker_first_driver": False}
+LOCAL_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}  # read by Ray Train's controller, inherited from here
 AUTH_HINT = ("the Ray cluster asks for its authentication token (Ray's default token auth): export "
              "RAY_AUTH_MODE=token on this machine, with the cluster's token in ~/.ray/auth_token, or start the "
              "cluster with RAY_AUTH_MODE=disabled")
@@ -29,17 +33,19 @@ def ray_session(**init_kwargs: Any) -> Iterator[None]:
 
     Ray starts its worker processes niced (15): on a cluster that keeps its daemons responsive, but on a laptop
     the training then yields the cores to every daemon and loses a share of its speed to them (measured in
-    ``benchmarks/ray_tax.py``). A local instance started here runs its workers at the normal priority; the
-    k-NN monitor lowers its own (``dino_ray.platform.monitor``)."""
+    ``benchmarks/ray_tax.py``). A local instance started here runs its workers at the normal priority (the
+    k-NN monitor lowers its own, ``dino_ray.platform.monitor``) and without the processes a laptop has no use
+    for (``LOCAL_SYSTEM_CONFIG``, ``LOCAL_ENV``; a variable the user set keeps its value)."""
     import ray
 
     if ray.is_initialized():
         yield
         return
     address = os.environ.get("RAY_ADDRESS")
-    if not address:  # a new instance on this machine, its training workers at the priority of the plain loop
-        init_kwargs = {"address": "local", "_system_config": {"worker_niceness": LOCAL_WORKER_NICENESS},
-                       **init_kwargs}
+    if not address:  # a new instance on this machine
+        init_kwargs = {"address": "local", "_system_config": LOCAL_SYSTEM_CONFIG, **init_kwargs}
+        for name, value in LOCAL_ENV.items():
+            os.environ.setdefault(name, value)
     try:
         context = ray.init(**init_kwargs)
     except Exception as exc:  # noqa: BLE001 - re-raised, with what to do when it is the token

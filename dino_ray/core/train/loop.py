@@ -214,15 +214,18 @@ def train_dino(cfg: DINOConfig, resume_from: Optional[str | Path] = None,
             "freeze_backbone_epochs", cfg.freeze_backbone_epochs))
     plan = None
     if epoch_batches is None:
-        epoch_batches = dataloader_epochs(lambda: cfg, rank, world_size)  # follows cfg: a budget sizes the epochs
+        batches_at = dataloader_epochs(lambda: cfg, rank, world_size)  # follows cfg: a budget sizes the epochs
         if cfg.budget_minutes:
-            cfg, plan = budgeted(cfg, epoch_batches, device, world_size, checkpoint)
+            cfg, plan = budgeted(cfg, batches_at(0, 0), device, world_size, checkpoint)
             if rank == 0:
                 log.info("%s", plan.line())
     elif cfg.budget_minutes:
         raise ConfigError("budget_minutes sizes the DataLoader's epochs: batches handed in keep their own length")
+    else:
+        def batches_at(epoch: int, steps_before: int) -> EpochBatches:  # an input that knows its own position
+            return epoch_batches(epoch)
 
-    niter_per_ep = len(epoch_batches(0))
+    niter_per_ep = len(batches_at(0, 0))
     step = build_step(cfg, device, world_size, niter_per_ep)
     schedules = build_schedules(cfg, niter_per_ep, world_size)
     start_epoch, train_seconds = 0, 0.0
@@ -248,7 +251,7 @@ def train_dino(cfg: DINOConfig, resume_from: Optional[str | Path] = None,
             if rank == 0:
                 log.info("re-planned from the epochs so far: %s", plan.line())
         seed_everything(cfg.seed, rank, epoch)  # whatever the input: drop-path masks and augmentations per rank
-        batches = epoch_batches(epoch)
+        batches = batches_at(epoch, steps_before + steps_run)
         stats = train_one_epoch(step, batches, schedules, epoch, show_progress and rank == 0,
                                 on_step if rank == 0 else None, steps_before + steps_run)
         steps_run += len(batches)
@@ -272,24 +275,22 @@ def train_dino(cfg: DINOConfig, resume_from: Optional[str | Path] = None,
 
 
 def dataloader_epochs(config: Callable[[], DINOConfig], rank: int, world_size: int
-                      ) -> Callable[[int], EpochBatches]:
-    """``epoch -> DataLoader`` over ``data_path`` (the dataset listed once), for the config ``config()`` gives
-    when the epoch starts (a budget may size the epochs after the dataset is made)."""
+                      ) -> Callable[[int, int], EpochBatches]:
+    """``(epoch, iterations before it) -> DataLoader`` over ``data_path`` (the dataset listed once), for the config
+    ``config()`` gives when the epoch starts (a budget may size the epochs after the dataset is made). With
+    ``epoch_length`` the epoch's slice of the stream starts after the images those iterations took on all ranks:
+    one count, the run's, whatever the earlier epochs' lengths and across a resume."""
     cfg = config()
     if cfg.data_loader != "torch":
         raise ConfigError(f"data_loader: {cfg.data_loader} streams from a Ray cluster: run `dino-ray pretrain` "
                           f"without --no-ray, or set data_loader: torch")
     dataset = build_dataset(cfg.data_path, None, cfg.max_images, listing=shared_listing(cfg.data_path, world_size))
     collate = partial(collate_views, augmentation=build_augmentation(cfg))
-    ends: dict[int, int] = {}  # epoch -> where its slice of the stream ended (a budget re-sizes the epochs)
 
-    def epoch_loader(epoch: int) -> EpochBatches:
+    def epoch_loader(epoch: int, steps_before: int) -> EpochBatches:
         cfg = config()
-        loader = build_loader(cfg, rank, world_size, epoch, dataset, collate, start=ends.get(epoch - 1))
-        if cfg.epoch_length is not None:
-            total = cfg.epoch_length * cfg.batch_size_per_gpu * world_size
-            ends[epoch] = ends.get(epoch - 1, epoch * total) + total
-        return loader
+        return build_loader(cfg, rank, world_size, epoch, dataset, collate,
+                            start=steps_before * cfg.batch_size_per_gpu * world_size)
     return epoch_loader
 
 
@@ -303,11 +304,10 @@ def replan_epochs(cfg: DINOConfig, spent_before: float, loop_start: float, steps
     return cfg, plan, build_schedules(cfg, cfg.epoch_length, world_size)
 
 
-def budgeted(cfg: DINOConfig, epoch_batches: Callable[[int], EpochBatches], device: torch.device, world_size: int,
+def budgeted(cfg: DINOConfig, loader: EpochBatches, device: torch.device, world_size: int,
              checkpoint: Optional[dict[str, Any]]) -> tuple[DINOConfig, Plan]:
     """The config sized to ``budget_minutes``: a few throw-away steps of the run's own model on its own loader give
     the step time; a resumed run re-plans its remaining epochs into the minutes left."""
-    loader = epoch_batches(0)
     trial = build_step(cfg, device, world_size, len(loader))  # the run builds its own afterwards, from its seed
     set_schedules(trial.optimizer, build_schedules(cfg, len(loader), world_size).at(0))
     batches = cycled(loader)
