@@ -31,11 +31,11 @@ def ray_session(**init_kwargs: Any) -> Iterator[None]:
     ``RAY_ADDRESS``'s cluster, else a new local instance, shut down at the end. ``init_kwargs`` go to
     ``ray.init`` (the dashboard stays on: Train V2 floods the log without it).
 
-    Ray starts its worker processes niced (15): on a cluster that keeps its daemons responsive, but on a laptop
-    the training then yields the cores to every daemon and loses a share of its speed to them (measured in
-    ``benchmarks/ray_tax.py``). A local instance started here runs its workers at the normal priority (the
-    k-NN monitor lowers its own, ``dino_ray.platform.monitor``) and without the processes a laptop has no use
-    for (``LOCAL_SYSTEM_CONFIG``, ``LOCAL_ENV``; a variable the user set keeps its value)."""
+    Ray starts its worker processes niced (15), below its own daemons: on a cluster that keeps the daemons
+    responsive, but on a laptop the training is what the machine is for. A local instance started here runs its
+    workers at the normal priority (the k-NN monitor lowers its own, ``dino_ray.platform.monitor``) and without
+    the processes a laptop has no use for (``LOCAL_SYSTEM_CONFIG``, ``LOCAL_ENV``; a variable the user set keeps
+    its value). What Ray's processes cost the training is measured in ``benchmarks/ray_tax.py``."""
     import ray
 
     if ray.is_initialized():
