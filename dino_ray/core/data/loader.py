@@ -39,11 +39,11 @@ class EpochSliceSampler(Sampler[int]):
 
 
 def build_loader(cfg: DINOConfig, rank: int, world_size: int, epoch: int, dataset: Any,
-                 collate_fn: Callable[[list], Any], start: Optional[int] = None) -> DataLoader:
+                 collate_fn: Callable[[list], Any], start: int) -> DataLoader:
     """Each image once per epoch across ranks (DistributedSampler with a shared seed), or with ``epoch_length``
     the epoch's slice of an endless shuffled stream (from ``start``, the images the run's earlier iterations took on
-    all ranks, whatever the epochs' lengths; by default ``epoch`` epochs of this length in); the loader's workers
-    are seeded from (seed, rank, epoch), so a resumed epoch sees the same order and crops."""
+    all ranks, whatever the epochs' lengths); the loader's workers are seeded from (seed, rank, epoch), so a
+    resumed epoch sees the same order and crops."""
     if cfg.epoch_length is not None:
         sampler: Sampler[int] = EpochSliceSampler(len(dataset), cfg.epoch_length * cfg.batch_size_per_gpu,
                                                   world_size, rank, cfg.seed, epoch, start)
