@@ -10,7 +10,7 @@ decode included (PIL for all), one thread:
 - ``batched``: ``BatchedDataAugmentationDINO`` (dino_ray/data/batched_augment.py), 64 images a call: what
   ``augmentation: batched`` runs in a DataLoader worker or a Ray Data task
 Settings: CIFAR-10 at its own 32 px (global 32, local 16, 2 local crops, blur radius 0.1-0.5: the CPU
-recipe) and upscaled to 224 px (global 224, local 96, 8 local crops, radius 0.1-2.0: the paper's). The
+recipe's blur) and upscaled to 224 px (global 224, local 96, 8 local crops, radius 0.1-2.0: the paper's). The
 pipelines take turns, ``--repeats`` times, each pass in its own process: the best pass of each is reported, and
 the median over turns of the batched / reference ratio (this VM's speed drifts by a third; the passes of one
 turn are seconds apart).

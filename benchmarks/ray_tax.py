@@ -261,7 +261,9 @@ def main() -> None:
     costs = {name: round(1 - r["loop_images_per_s"] / bare, 3) for name, r in results.items()
              if PATHS[name][1] is not None}
     record = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
-    record[args.label] = {"recipe": Path(args.config).stem, "epochs": args.epochs, "epoch_length": args.epoch_length,
+    record[args.label] = {"recipe": Path(args.config).stem,
+                          "global_crops_size": load_config(args.config).global_crops_size,
+                          "epochs": args.epochs, "epoch_length": args.epoch_length,
                           "rounds": args.rounds, "knn_every": 2, "cpus": os.cpu_count(), "paths": results,
                           "monitor_cost": costs, "idle_session": idle_sessions()}
     Path(args.out).write_text(json.dumps(record, indent=2))

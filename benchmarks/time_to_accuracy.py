@@ -6,6 +6,7 @@ images as the memory bank, held-out shard 4 as the test set, backbone features):
 - ``shipped_ray``: the ``cifar10_cpu`` recipe as a user runs it: ``dino-ray pretrain --config cifar10_cpu
   budget_minutes=M`` on a local Ray, its k-NN monitor on;
 - ``shipped``: the same recipe and budget through the plain loop (``dino-ray pretrain --no-ray``);
+- ``crops32_ray``: the shipped recipe on Ray with 32 px crops (the whole image's size) instead of 24 px ones;
 - ``vit``: the ``cifar10_cpu_vit`` recipe (the ViT CPU recipe, for attention maps), through the plain loop;
 - ``reference``: the reference's defaults (ViT-S/16, out_dim 65536, 8 local crops, batch 64, AdamW lr 5e-4)
   with only the crop sizes scaled to 32/16 px, its schedule shapes compressed into the budget (warmup 10 % and
@@ -20,8 +21,8 @@ the minutes on the x axis are the run's training minutes up to that checkpoint (
 measurement and evaluation excluded; the whole command's wall time is recorded beside the curve).
 
 Usage: ``python benchmarks/time_to_accuracy.py [--minutes 20] [--points 10] [--recipes shipped,reference,lightly]``
-Writes ``benchmarks/results/time_to_accuracy.json`` (``render_docs.py`` draws the curves); ``--merge`` adds the recipes run to the curves
-already there (the same data and baselines).
+Writes ``benchmarks/results/time_to_accuracy.json`` (``render_docs.py`` draws the curves); ``--merge`` adds the
+recipes run to the curves already there (the same data and baselines).
 """
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ SHARED = shards()
 RECIPES = {  # name: (recipe, overrides, on Ray)
     "shipped_ray": (recipe_path("cifar10_cpu"), [], True),
     "shipped": (recipe_path("cifar10_cpu"), [], False),
+    "crops32_ray": (recipe_path("cifar10_cpu"), ["global_crops_size=32", "eval_image_size=32"], True),
     "vit": (recipe_path("cifar10_cpu_vit"), [], False),
     "reference": (None, ["use_fp16=false", "global_crops_size=32", "local_crops_size=16", "num_workers=1"], False),
 }

@@ -43,6 +43,8 @@ def test_yaml_then_overrides(tmp_path):
     (["epochs=ten"], "config key 'epochs': value 'ten' is not a valid"),
     (["use_fp16=maybe"], "config key 'use_fp16'"),
     (["global_crops_size=30", "patch_size=16"], r"global_crops_size \(30\) is not a multiple of patch_size"),
+    (["eval_image_size=40", "patch_size=16"], r"eval_image_size \(40\) is not a multiple of patch_size"),
+    (["arch=resnet18", "eval_image_size=0"], "eval_image_size must be >= 1, got 0"),
     (["lr"], "override 'lr' is not of the form key=value"),
     (["arch=resnet18", "stem=conv"], "stem 'conv' is for ViTs"),
     (["stem=small"], "arch 'vit_small' takes stem default or conv"),
@@ -65,6 +67,12 @@ def test_any_torchvision_arch_and_short_run_keys_are_accepted():
                              "epoch_length=50", "centering=sinkhorn_knopp", "koleo_loss_weight=0.1"])
     assert (cfg.arch, cfg.stem, cfg.width, cfg.warmup_epochs, cfg.epoch_length) == ("resnet18", "small", 0.5, 0.25, 50)
     assert load_config(None, ["arch=convnext_tiny"]).arch == "convnext_tiny"
+
+
+def test_evaluations_see_the_crop_size_unless_told_otherwise():
+    assert load_config(None, ["global_crops_size=96"]).eval_size() == 96  # unset: the crop size, as the reference
+    cpu = load_config("cifar10_cpu")  # trained on 24 px crops, tested on whole 32 px images
+    assert (cpu.global_crops_size, cpu.eval_size()) == (24, 32)
 
 
 def test_missing_and_malformed_files(tmp_path):

@@ -64,6 +64,18 @@ def test_a_resnet_loads_into_torchvision(tmp_path):
     assert torch.allclose(resnet.eval()(images), teacher.eval()(images), atol=1e-5)
 
 
+def test_the_description_gives_the_evaluation_size_and_the_file_still_loads(tmp_path):
+    _, checkpoint = checkpoint_of(tmp_path, eval_image_size=32)  # a ViT trained on 16 px crops, tested at 32 px
+    out = tmp_path / "vit.safetensors"
+    assert main(["export", str(checkpoint), "--output", str(out)]) == 0
+    assert json.loads(out.with_suffix(".json").read_text())["image_size"] == 32
+    reloaded, shape = backbone_from_checkpoint(out)  # its position embeddings keep the 16 px grid it learnt
+    assert shape["image_size"] == 32 and reloaded.pos_embed.shape[1] == 1 + (16 // 4) ** 2
+    teacher, _ = backbone_from_checkpoint(checkpoint)
+    images = real_images(32, 2)
+    assert torch.allclose(reloaded.eval()(images), teacher.eval()(images), atol=1e-5)
+
+
 def test_onnx_matches_pytorch_on_real_images_at_any_batch_size(tmp_path):
     _, checkpoint = checkpoint_of(tmp_path, stem="conv", use_bn_in_head=True)  # the ViT CPU recipe's family
     out = tmp_path / "vit.onnx"

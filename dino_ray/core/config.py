@@ -194,6 +194,9 @@ class DINOConfig:
     width: float = 1.0  # ResNet stage widths x this
     epoch_length: Optional[int] = None  # iterations per epoch (dinov2's OFFICIAL_EPOCH_LENGTH); None: the dataset
     budget_minutes: Optional[float] = None  # size the run (epoch_length) to end its schedule within these minutes
+    # the centre-crop size evaluations see (k-NN monitor and jobs, embeddings, exports); None: global_crops_size.
+    # Above the crop size pays: random-resized crops show objects larger than a whole image does (FixRes)
+    eval_image_size: Optional[int] = None
     momentum_teacher_end: float = 1.0  # the teacher momentum's cosine ends here (the reference: 1)
     centering: str = "centering"  # or sinkhorn_knopp (DINOv2): how the teacher's output is centred
     koleo_loss_weight: float = 0.0  # DINOv2's KoLeo regulariser on the student's global-view features (it uses 0.1)
@@ -208,6 +211,10 @@ class DINOConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML/JSON-ready values; sections as nested dicts."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def eval_size(self) -> int:
+        """The image size evaluations of this run's backbone see."""
+        return self.eval_image_size or self.global_crops_size
 
     def vit_kwargs(self) -> dict[str, int]:
         """The ViT shape overrides that are set, as keyword arguments for ``build_backbone``."""
@@ -225,7 +232,8 @@ def _model_problems(cfg: DINOConfig) -> list[str]:
         if cfg.stem not in ("default", "conv") or cfg.width != 1.0:
             problems.append(f"arch '{cfg.arch}' takes stem default or conv and width 1, got {cfg.stem}, {cfg.width}")
         problems += [f"{key} ({getattr(cfg, key)}) is not a multiple of patch_size ({cfg.patch_size})"
-                     for key in ("global_crops_size", "local_crops_size") if getattr(cfg, key) % cfg.patch_size]
+                     for key in ("global_crops_size", "local_crops_size", "eval_image_size")
+                     if (getattr(cfg, key) or 0) % cfg.patch_size]
     else:
         from dino_ray.core.models.backbones import torchvision_archs
 
@@ -279,7 +287,7 @@ def _data_problems(cfg: DINOConfig) -> list[str]:
                         f"{list(cfg.global_crops_scale)}: the largest local crop must not exceed the smallest global "
                         f"one")
     return problems + below(cfg, ("local_crops_number", "num_workers", "saveckp_freq"), 0) + \
-        below(cfg, ("global_crops_size", "local_crops_size", "max_images"), 1)
+        below(cfg, ("global_crops_size", "local_crops_size", "eval_image_size", "max_images"), 1)
 
 
 def _validate(cfg: DINOConfig) -> None:

@@ -73,7 +73,7 @@ def run_quickstart(train_data: Optional[str], val_data: Optional[str], output_di
     uri = tracking_uri(cfg)
     weights = resolve_checkpoint(str(final / "checkpoint.pth"), uri)  # with its run id and epoch: runs nest under it
 
-    transform = eval_transform(cfg.global_crops_size, cfg.global_crops_size)
+    transform = eval_transform(cfg.eval_size(), cfg.eval_size())
     val_set = build_dataset(val_data, transform)
     require_labels(val_set, val_data, "the quickstart's k-NN")
     knn_train = random_subset(build_dataset(train_data, transform), knn_train_images)
@@ -105,7 +105,9 @@ def run_quickstart(train_data: Optional[str], val_data: Optional[str], output_di
     summary = {"train_minutes": round(train_minutes, 2), "budget_minutes": cfg.budget_minutes,
                "epochs": len(stats), "steps": sum(line["train_steps"] for line in stats),
                "step_seconds": stats[-1]["train_step_time"], "lr_last": stats[-1]["train_lr"], "data": data_source,
-               "train_data": train_data, "val_data": val_data, "arch": cfg.arch, "loss_first_epoch": losses[0],
+               "train_data": train_data, "val_data": val_data, "arch": cfg.arch,
+               "global_crops_size": cfg.global_crops_size, "eval_image_size": cfg.eval_size(),
+               "loss_first_epoch": losses[0],
                "loss_last_epoch": losses[-1], "images_per_s": result.metrics.get("images_per_s"),
                "knn_train_images": len(knn_train), "knn_val_images": len(knn_val), "knn_k20": results,
                "mlflow_run_id": weights.run_id, "tracking_uri": uri, "ui_command": ui_command(uri),
@@ -139,7 +141,8 @@ def report_lines(summary: dict[str, Any]) -> list[str]:
             f"{budget}, loss {summary['loss_first_epoch']:.3f} -> {summary['loss_last_epoch']:.3f}, lr at its end "
             f"{summary['lr_last']:.2e}",
             f"data: {summary['data']}",
-            f"k-NN top-1 (k=20) on {summary['knn_val_images']} held-out images: pretrained teacher "
+            f"k-NN top-1 (k=20) on {summary['knn_val_images']} held-out images at {summary['eval_image_size']} px "
+            f"(trained on {summary['global_crops_size']} px crops): pretrained teacher "
             f"{knn['pretrained']['top1']:.1f}%, random init {knn['random_init']['top1']:.1f}%, raw pixels "
             f"{knn['raw_pixels']['top1']:.1f}%",
             f"checkpoint: {summary['checkpoint']}{attention}",

@@ -64,7 +64,7 @@ def knn_monitor(checkpoint: Any, config: dict[str, Any], epoch: int) -> dict[str
         run_file = Path(folder) / RUN_ID_FILE
         run_id = run_file.read_text().strip() if run_file.exists() else None
     backbone.eval()
-    transform = eval_transform(cfg.global_crops_size, cfg.global_crops_size)
+    transform = eval_transform(cfg.eval_size(), cfg.eval_size())
     train = build_dataset(cfg.eval.knn_train_data or cfg.data_path, transform, cfg.eval.knn_train_images)
     val = build_dataset(cfg.eval.knn_val_data, transform, cfg.eval.knn_val_images)
     k = cfg.eval.knn_k

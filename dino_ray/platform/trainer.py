@@ -119,7 +119,7 @@ def log_final_artifacts(tracker: Any, cfg: DINOConfig, folder: Path) -> None:
     tracker.log_artifact(folder / "checkpoint.pth", "checkpoints")
     tracker.log_artifact(folder / "teacher_backbone.pth", "checkpoints")
     # a batch of 2: torch.export takes a dimension of size 1 for a constant, and the batch size must stay free
-    example = np.zeros((2, 3, cfg.global_crops_size, cfg.global_crops_size), dtype=np.float32)
+    example = np.zeros((2, 3, cfg.eval_size(), cfg.eval_size()), dtype=np.float32)  # what a user feeds it
     if cfg.tracking.log_model:
         tracker.log_model(backbone, example)
 

@@ -24,8 +24,8 @@ from dino_ray.core.models.multicrop import MultiCropWrapper
 from dino_ray.core.train.checkpoint import recorded_args
 
 # What a checkpoint's recorded args say about the networks (the rest, data and schedules, does not shape them).
-MODEL_KEYS = ("arch", "patch_size", *VIT_SHAPE_KEYS, "stem", "width", "global_crops_size", "out_dim",
-              "use_bn_in_head", "norm_last_layer", "head_hidden_dim", "head_bottleneck_dim", "head_nlayers")
+MODEL_KEYS = ("arch", "patch_size", *VIT_SHAPE_KEYS, "stem", "width", "global_crops_size", "eval_image_size",
+              "out_dim", "use_bn_in_head", "norm_last_layer", "head_hidden_dim", "head_bottleneck_dim", "head_nlayers")
 EXPORT_METADATA = "dino_ray"  # the safetensors metadata key of a ``dino-ray export``'s JSON description
 ARCH_ALIASES = {"deit_tiny": "vit_tiny", "deit_small": "vit_small"}  # the first released checkpoints' names
 
@@ -95,13 +95,14 @@ def exported_shape(path: str | Path) -> dict[str, Any]:
     with safe_open(str(path), "pt") as exported:
         spec = json.loads((exported.metadata() or {}).get(EXPORT_METADATA, "{}"))
     shape = {k: v for k, v in spec.items() if k in MODEL_KEYS}
-    return {**shape, "global_crops_size": spec["image_size"]} if "image_size" in spec else shape
+    return {**shape, "eval_image_size": spec["image_size"]} if "image_size" in spec else shape
 
 
 def backbone_shape(cfg: DINOConfig) -> dict[str, Any]:
-    """What an evaluation records of a backbone: architecture, patch size, ViT shape, stem, width, image size."""
+    """What an evaluation records of a backbone: architecture, patch size, ViT shape, stem, width, the image size
+    its evaluations see."""
     return {"arch": cfg.arch, "patch_size": cfg.patch_size, **cfg.vit_kwargs(), "stem": cfg.stem, "width": cfg.width,
-            "image_size": cfg.global_crops_size}
+            "image_size": cfg.eval_size()}
 
 
 def backbone_from_checkpoint(pretrained_weights: str | Path, checkpoint_key: str = "teacher",
